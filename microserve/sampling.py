@@ -1,0 +1,168 @@
+"""SamplingParams and the batched sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from microserve.errors import UserError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None: up to the context window
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return beside the chosen token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k in (None, 0):
+            self.top_k = -1
+        checks = [
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sampler:
+    """Samples one token per row of logits, each row under its own request's parameters."""
+
+    def __init__(self, seed: int = 0):
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits, rows) -> list[SampleResult]:
+        """`logits` [B, V] float32; `rows[i]` has `.params`, `.generator` (or None), `.prompt_ids`, `.output_ids`."""
+        import torch
+
+        b = logits.shape[0]
+        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+
+        for i, r in enumerate(rows):
+            if r.params.has_penalties:
+                _apply_penalties(logits[i], r)
+            if len(r.output_ids) < r.params.min_tokens:
+                for t in r.stop_ids_blocked:  # cannot stop before min_tokens
+                    logits[i, t] = float("-inf")
+
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            tokens[sampled] = self._sample(logits[sampled], [rows[i] for i in sampled])
+
+        token_list = tokens.tolist()
+        results = [SampleResult(t) for t in token_list]
+        if want_logprobs:
+            for j, i in enumerate(want_logprobs):
+                lp = raw_logprobs[j]
+                results[i].logprob = float(lp[token_list[i]])
+                k = rows[i].params.logprobs
+                if k:
+                    vals, ids = lp.topk(k)
+                    results[i].top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+                else:
+                    results[i].top_logprobs = []
+        assert len(results) == b
+        return results
+
+    def _sample(self, logits, rows):
+        import torch
+
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+        logits = logits / temps[:, None]
+        if any(r.params.top_k != -1 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
+            logits = _top_k_top_p_min_p(logits, rows)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded request
+        # draws its noise from its own generator, so its samples do not depend on the batch.
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(row_logits, r):
+    import torch
+
+    p = r.params
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
+        if len(seen):
+            vals = row_logits[seen]
+            row_logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if r.output_ids and (p.frequency_penalty or p.presence_penalty):
+        out = torch.tensor(r.output_ids, dtype=torch.long)
+        counts = torch.bincount(out, minlength=row_logits.shape[0]).to(row_logits.dtype)
+        row_logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row_logits.dtype)
+
+
+def _top_k_top_p_min_p(logits, rows):
+    import torch
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    v = logits.shape[1]
+    ranks = torch.arange(v)[None, :]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k != -1 else v for r in rows])[:, None]
+    drop = ranks >= top_k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype)[:, None]
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype)[:, None]
+    drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
