@@ -1,0 +1,238 @@
+"""The engine: requests in, one scheduled batch per step, outputs (with text deltas) out."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from microserve.config import EngineConfig
+from microserve.engine.block_pool import BlockPool, hash_block
+from microserve.engine.model_runner import ModelRunner
+from microserve.engine.request import CompletionOutput, Request, RequestOutput, Status
+from microserve.engine.scheduler import Scheduler
+from microserve.errors import UserError
+from microserve.models.loader import LoadedModel, load_model
+from microserve.sampling import SampleResult, SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig | None = None, loaded: LoadedModel | None = None, progress: bool = True):
+        self.cfg = cfg = cfg or EngineConfig()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.runner = ModelRunner(self.loaded, cfg)
+        self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        capacity = self.runner.num_blocks * cfg.block_size
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
+        self.eos_token_ids = frozenset(self._eos_ids())
+        self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ------------------------------------------------------------ requests in
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("this model has no tokenizer: send token ids")
+            return self.tokenizer(prompt, add_special_tokens=True).input_ids
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise UserError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        limit = self.max_model_len
+        if len(prompt_ids) >= limit:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens; this model's context window is {limit}")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > limit:
+            raise UserError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the context window of {limit} tokens"
+            )
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises UserError on bad input."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise UserError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        seqs = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator().manual_seed(params.seed + i)
+            seqs.append(Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                group_id=request_id,
+                index=i,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                params=params,
+                eos_token_ids=self.eos_token_ids,
+                generator=generator,
+                wait_for=seqs[0] if i else None,
+            ))
+        self.groups[request_id] = seqs
+        for s in seqs:
+            self.scheduler.add(s)
+        self.num_prompt_tokens += len(prompt_ids)
+        return prompt_ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request at once and free every block it holds. False if unknown."""
+        seqs = self.groups.pop(request_id, None)
+        if seqs is None:
+            return False
+        for s in seqs:
+            if not s.finished:
+                self.scheduler.finish(s, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that advanced (and finished ones)."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        results = self.runner.execute(batch.items)
+        touched: dict[str, None] = {}
+        now = time.monotonic()
+        for (req, n), result in zip(batch.items, results):
+            req.num_computed_tokens += n
+            self._cache_full_blocks(req)
+            if result is not None:
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._append_token(req, result)
+                touched[req.group_id] = None
+        return [self._output(gid) for gid in touched if gid in self.groups]
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        bs = self.pool.block_size
+        while (len(req.block_hashes) + 1) * bs <= req.num_computed_tokens:
+            j = len(req.block_hashes)
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            h = hash_block(parent, req.token_ids[j * bs : (j + 1) * bs])
+            req.block_hashes.append(h)
+            self.pool.cache_block(req.block_ids[j], h)
+
+    def _append_token(self, req: Request, result: SampleResult) -> None:
+        token = result.token_id
+        req.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if req.params.logprobs is not None:
+            req.logprobs.append((result.logprob, result.top_logprobs))
+        params = req.params
+        stop_token = (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids)
+        self._detokenize(req, skip_last=stop_token)
+        reason = None
+        if stop_token and req.num_output_tokens > params.min_tokens - 1:
+            reason = "stop"
+        elif params.stop and self._find_stop_string(req):
+            reason = "stop"
+        elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) or (
+            req.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason:
+            self.scheduler.finish(req, reason)
+
+    # ------------------------------------------------------------ text
+
+    def _detokenize(self, req: Request, skip_last: bool) -> None:
+        """Incremental detokenization: decode a short window so multi-byte characters come out whole."""
+        if self.tokenizer is None:
+            return
+        ids = req.token_ids[req.num_prompt_tokens :]
+        if skip_last:
+            ids = ids[:-1]
+        skip = req.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[req.prefix_offset :], skip_special_tokens=skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            req.text += full[len(prefix) :]
+            req.prefix_offset = req.read_offset
+            req.read_offset = len(ids)
+
+    def _find_stop_string(self, req: Request) -> bool:
+        longest = max(len(s) for s in req.params.stop)
+        search_from = max(0, req.emitted_text_len - longest)
+        best = None
+        for s in req.params.stop:
+            i = req.text.find(s, search_from)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        req.text = req.text[: i + len(s)] if req.params.include_stop_str_in_output else req.text[:i]
+        return True
+
+    def _visible_text_len(self, req: Request) -> int:
+        """Hold back a tail that might still grow into a stop string, so none is emitted partially."""
+        if req.finished or not req.params.stop:
+            return len(req.text)
+        hold = max(len(s) for s in req.params.stop) - 1
+        return max(req.emitted_text_len, len(req.text) - hold)
+
+    def _output(self, group_id: str) -> RequestOutput:
+        seqs = self.groups[group_id]
+        outs = []
+        for s in seqs:
+            visible = self._visible_text_len(s)
+            delta_text = s.text[s.emitted_text_len : visible]
+            s.emitted_text_len = visible
+            out_ids = s.output_ids
+            delta_ids = out_ids[s.emitted_token_len :]
+            delta_lp = s.logprobs[s.emitted_token_len :] if s.params.logprobs is not None else None
+            s.emitted_token_len = len(out_ids)
+            outs.append(CompletionOutput(
+                index=s.index,
+                text=s.text[:visible],
+                token_ids=out_ids,
+                finish_reason=s.finish_reason,
+                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+                delta_text=delta_text,
+                delta_token_ids=delta_ids,
+                delta_logprobs=delta_lp,
+            ))
+        finished = all(s.finished for s in seqs)
+        if finished:
+            del self.groups[group_id]
+        return RequestOutput(
+            request_id=group_id,
+            prompt_token_ids=seqs[0].prompt_ids,
+            outputs=outs,
+            finished=finished,
+            num_cached_tokens=seqs[0].num_cached_tokens,
+        )
+
+    # ------------------------------------------------------------ status
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.pool.stats(),
+        }

@@ -1,0 +1,101 @@
+"""A request as the engine sees it: one sequence of tokens, its KV blocks and its progress."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from microserve.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One sequence. A request with n > 1 becomes n of these sharing a `group_id`."""
+
+    request_id: str  # unique inside the engine: "<group_id>" or "<group_id>#<index>"
+    group_id: str
+    index: int
+    token_ids: list[int]  # prompt followed by generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: object | None = None  # a torch.Generator for seeded sampling
+
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    block_ids: list[int] = field(default_factory=list)  # the block table
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of its full, computed blocks
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
+    wait_for: "Request | None" = None  # sibling whose prompt prefill must finish first (n > 1)
+    first_token_time: float | None = None
+
+    # detokenizer state
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_token_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob), ...])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def stop_ids_blocked(self) -> set[int]:
+        """Tokens that would end the sequence: masked while fewer than min_tokens are out."""
+        ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            ids |= self.eos_token_ids
+        return ids
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None  # per token: (logprob, [(token id, logprob), ...])
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    prompt: str | None = None
