@@ -33,6 +33,18 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_engine(args) -> None:
+    from microserve.config import EngineConfig
+    from microserve.server.app import run_engine_server
+
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len, block_size=args.block_size)
+    run_engine_server(cfg, host=args.host, port=args.port, model_name=args.served_model_name,
+                      max_waiting=args.max_waiting, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microserve", description="A programmable LLM serving system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("engine", help="serve one engine over the OpenAI-compatible HTTP API")
+    _add_model_args(e)
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=8000)
+    e.add_argument("--served-model-name", default=None, help="the model id clients send (default: from the path)")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    e.add_argument("--log-level", default="info")
+    e.set_defaults(func=cmd_engine)
     return parser
 
 

@@ -7,9 +7,16 @@ import torch
 from microserve.config import EngineConfig
 from microserve.engine.request import Request
 from microserve.errors import UserError
-from microserve.models.llama import AttentionMetadata, KVCache, PrefillSeq
+from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
 from microserve.models.loader import LoadedModel
 from microserve.sampling import SampleResult, Sampler
+
+
+# Decode grouping: a group closes when the next context is shorter than this fraction of
+# its longest, provided it already holds MIN_DECODE_GROUP sequences (each group costs a
+# few extra kernel launches per layer).
+DECODE_GROUP_RATIO = 0.75
+MIN_DECODE_GROUP = 4
 
 
 class ModelRunner:
@@ -59,12 +66,9 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         dev = self.device
-        attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs)
         if decode_rows:
-            attn.all_decode = not prefills
-            if not attn.all_decode:
-                attn.decode_rows = torch.tensor(decode_rows, device=dev)
-            attn.decode_slots, attn.decode_mask = self._decode_tables(decode_reqs)
+            attn.decode_groups = self._decode_groups(decode_rows, decode_reqs, whole_batch=not prefills)
         hidden = self.model(
             torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), attn, self.kv
         )
@@ -84,15 +88,35 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets).view(-1)[:length]
 
-    def _decode_tables(self, decode_reqs):
-        """Padded [B, L] context slots and the [B, 1, 1, L] mask of real keys."""
+    def _decode_groups(self, rows, decode_reqs, whole_batch: bool) -> list[DecodeGroup]:
+        """Split decodes into groups of similar context length, so padding wastes little work.
+
+        Attention cost is batch x longest context; sorted by length, a group closes
+        when the next context is under `DECODE_GROUP_RATIO` of the group's longest.
+        """
+        order = sorted(range(len(rows)), key=lambda i: -decode_reqs[i][1])
+        groups, current = [], []
+        for i in order:
+            if current and decode_reqs[i][1] < DECODE_GROUP_RATIO * decode_reqs[current[0]][1] \
+                    and len(current) >= MIN_DECODE_GROUP:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        if len(groups) == 1 and whole_batch:
+            return [self._decode_group(None, decode_reqs)]
+        return [self._decode_group([rows[i] for i in g], [decode_reqs[i] for i in g]) for g in groups]
+
+    def _decode_group(self, rows, decode_reqs) -> DecodeGroup:
+        """Padded [B, max_blocks] block tables and the [B, 1, 1, L] mask of real keys."""
         bs = self.block_size
-        max_len = max(length for _, length in decode_reqs)
-        max_blocks = -(-max_len // bs)
-        table = [req.block_ids[:max_blocks] + [0] * (max_blocks - len(req.block_ids[:max_blocks])) for req, _ in decode_reqs]
-        table = torch.tensor(table, device=self.device)
-        offsets = torch.arange(bs, device=self.device)
-        slots = (table[:, :, None] * bs + offsets).view(len(decode_reqs), -1)[:, :max_len]
+        max_blocks = -(-max(length for _, length in decode_reqs) // bs)
+        table = [req.block_ids[:max_blocks] + [0] * (max_blocks - min(max_blocks, len(req.block_ids)))
+                 for req, _ in decode_reqs]
         lengths = torch.tensor([length for _, length in decode_reqs], device=self.device)
-        mask = torch.arange(max_len, device=self.device)[None, :] < lengths[:, None]
-        return slots.contiguous(), mask[:, None, None, :]
+        mask = torch.arange(max_blocks * bs, device=self.device)[None, :] < lengths[:, None]
+        return DecodeGroup(
+            rows=None if rows is None else torch.tensor(rows, device=self.device),
+            blocks=torch.tensor(table, device=self.device),
+            mask=mask[:, None, None, :],
+        )

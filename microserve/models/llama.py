@@ -28,15 +28,22 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes attended together: their contexts are padded to the longest in the group."""
+
+    rows: torch.Tensor | None  # [B] rows in the flat batch; None when the group is the whole batch, in order
+    blocks: torch.Tensor  # [B, max_blocks] block tables, padded
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True where a key is real
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go in the paged KV cache and what each one attends to."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
-    # Sequences with exactly one new token (decodes), attended in one padded batch.
-    decode_rows: torch.Tensor | None = None  # [B] their rows in the flat batch
-    decode_slots: torch.Tensor | None = None  # [B, L] context slots, padded
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where a key is real
-    all_decode: bool = False  # every row is a decode, in order (skips a gather and scatter)
+    # Sequences with exactly one new token (decodes), attended in padded batches of similar length.
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    block_size: int = 16
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -84,6 +91,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
+def can_pack_linears(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W reordered once into oneDNN's blocked layout (CPU, bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,17 +153,21 @@ class DecoderLayer(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 (as the reference implementation does), scale in the model dtype.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # Normalise in float32 and scale in the model dtype, exactly as the reference
+    # implementation rounds (torch's fused rms_norm rounds differently in bf16).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+    return xf.to(x.dtype).mul_(weight)
 
 
 def paged_attention(q, k, v, attn: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached context."""
-    if attn.all_decode:
-        return _decode_attention(q, attn, k_cache, v_cache)
+    groups = attn.decode_groups
+    if len(groups) == 1 and groups[0].rows is None:  # a pure decode step in one group
+        return _decode_attention(q, groups[0], attn.block_size, k_cache, v_cache)
     out = torch.empty_like(q)
-    if attn.decode_rows is not None:
-        out.index_copy_(0, attn.decode_rows, _decode_attention(q.index_select(0, attn.decode_rows), attn, k_cache, v_cache))
+    for g in groups:
+        out.index_copy_(0, g.rows, _decode_attention(q.index_select(0, g.rows), g, attn.block_size, k_cache, v_cache))
     for p in attn.prefills:
         qs = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if p.context_slots is None:  # the whole context is new: attend to this step's k, v
@@ -153,14 +186,18 @@ def paged_attention(q, k, v, attn: AttentionMetadata, k_cache, v_cache) -> torch
     return out
 
 
-def _decode_attention(q, attn: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-    b, seq = attn.decode_slots.shape
-    hkv, d = k_cache.shape[1], k_cache.shape[2]
-    flat = attn.decode_slots.view(-1)
-    ks = k_cache.index_select(0, flat).view(b, seq, hkv, d).transpose(1, 2)
-    vs = v_cache.index_select(0, flat).view(b, seq, hkv, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=attn.decode_mask, enable_gqa=True)
-    return o.squeeze(2)
+def _decode_attention(q, g: DecodeGroup, block_size: int, k_cache, v_cache) -> torch.Tensor:
+    """One query per sequence over its blocks, gathered whole (one index per block, not per token)."""
+    b = g.blocks.shape[0]
+    _, hkv, d = k_cache.shape
+    blocks = g.blocks.view(-1)
+    ks = k_cache.view(-1, block_size, hkv, d).index_select(0, blocks).view(b, -1, hkv, d).transpose(1, 2)
+    vs = v_cache.view(-1, block_size, hkv, d).index_select(0, blocks).view(b, -1, hkv, d).transpose(1, 2)
+    # Fold each group of query heads into the query axis ([B, Hkv, G, D]): the same result as
+    # GQA attention, without the CPU path's slow expansion of k and v. (Two explicit matmuls
+    # were slower here: the strided K forces a copy that SDPA avoids.)
+    o = F.scaled_dot_product_attention(q.reshape(b, hkv, -1, d), ks, vs, attn_mask=g.mask)
+    return o.view(b, -1, d)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -173,17 +210,27 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.packed_lm_head = None
+        self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) per position
+
+    def set_rope_freqs(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self.rope_cache = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
 
     def rope_tables(self, positions: torch.Tensor, dtype):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], in float32
-        cos, sin = freqs.cos(), freqs.sin()
-        cos = torch.cat([cos, cos], dim=-1).to(dtype)[:, None, :]
-        sin = torch.cat([-sin, sin], dim=-1).to(dtype)[:, None, :]
-        return cos, sin
+        """cos and signed sin for each position, looked up in a table built once per model."""
+        if self.rope_cache is None or self.rope_cache[0].dtype != dtype:
+            n = self.cfg.max_position_embeddings
+            pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq[None, :]  # [n, D/2], in float32
+            cos, sin = freqs.cos(), freqs.sin()
+            self.rope_cache = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
+        cos, sin = self.rope_cache
+        return cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :]
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, attn: AttentionMetadata, kv: KVCache) -> torch.Tensor:
@@ -196,7 +243,23 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
+
+    def pack_linears_for_cpu(self) -> bool:
+        """On CPU in bf16, swap every linear for oneDNN's with prepacked weights.
+
+        oneDNN's packed bf16 GEMM is 2-5x faster than the default path for the skinny
+        matrices of decode (measured: lm_head at batch 1, 0.9 ms vs 4.4 ms).
+        """
+        if not can_pack_linears(self.embed_tokens.weight):
+            return False
+        for layer in self.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                setattr(layer, name, PackedLinear(getattr(layer, name).weight, getattr(layer, name).bias))
+        self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
+        return True
 
     def load_hf_weights(self, weights):
         """Take (name, tensor) pairs named as in HF checkpoints; fuse q/k/v and gate/up on the way."""
@@ -209,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
             for name, tensor in weights:
                 name = name.removeprefix("model.")
                 if name == "rope_freqs":
-                    self.inv_freq.copy_(rope_inv_freq(cfg, tensor))
+                    self.set_rope_freqs(rope_inv_freq(cfg, tensor))
                     seen.add(name)
                     continue
                 dest, rows = self._destination(name, qkv_offsets, inter)

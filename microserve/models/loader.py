@@ -96,6 +96,7 @@ def load_model(path: str | None = None, dtype: str = "auto", device: str = "auto
     finally:
         bar.close()
     model.eval()
+    model.pack_linears_for_cpu()
     return LoadedModel(model, cfg, tokenizer, str(p), torch_dtype, dev)
 
 
@@ -107,7 +108,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             setattr(module, name, torch.nn.Parameter(torch.empty_like(param, dtype=dtype), requires_grad=False))
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.set_rope_freqs(rope_inv_freq(cfg).to(device))
     return model
 
 

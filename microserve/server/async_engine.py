@@ -1,0 +1,149 @@
+"""Runs the engine's step loop in a thread beside an asyncio server.
+
+The HTTP side queues adds and aborts; the loop thread applies them between steps and
+hands each step's outputs back to the waiting coroutines. torch releases the GIL
+inside its kernels, so the event loop keeps serving while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from microserve.engine.engine import LLMEngine
+from microserve.engine.request import RequestOutput
+from microserve.errors import UserError
+from microserve.sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    """Too many requests waiting: the caller should answer 429."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, observer=None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.observer = observer  # gets on_output(request_id, output, arrival) in the loop thread
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self.engine.scheduler.waiting) + len(self._adds)
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Admit the request now (raising UserError or QueueFull), then iterate its outputs.
+
+        Closing the iterator before the request finishes aborts it and frees its KV.
+        """
+        self.engine.validate(prompt_ids, params)
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
+        with self._lock:
+            if len(self.engine.scheduler.waiting) + len(self._adds) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            if request_id in self._streams:
+                raise UserError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._adds.append((request_id, prompt_ids, params))
+        self._wake.set()
+        return self._outputs(request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    # ------------------------------------------------------------ the loop thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._apply_pending()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as e:  # the loop died: fail every waiting request, loudly
+            self.error = e
+            with self._lock:
+                streams, self._streams = self._streams, {}
+            for s in streams.values():
+                s.loop.call_soon_threadsafe(s.queue.put_nowait, RuntimeError(f"engine loop failed: {e}"))
+            raise
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for request_id, prompt_ids, params in adds:
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except UserError as e:
+                self._fail(request_id, e)
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and out.finished:
+                del self._streams[out.request_id]
+        if stream is None:
+            return
+        if self.observer is not None:
+            self.observer.on_output(out, stream.arrival)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

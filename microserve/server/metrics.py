@@ -1,0 +1,64 @@
+"""Prometheus metrics of one engine: load, KV use, prefix-cache hits, latencies, token counts."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from microserve.engine.engine import LLMEngine
+from microserve.engine.request import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineMetrics:
+    def __init__(self, engine: LLMEngine):
+        self.registry = r = CollectorRegistry()
+        pool, sched = engine.pool, engine.scheduler
+        Gauge("microserve:num_requests_running", "Sequences in the running batch", registry=r
+              ).set_function(lambda: len(sched.running))
+        Gauge("microserve:num_requests_waiting", "Sequences waiting to be scheduled", registry=r
+              ).set_function(lambda: len(sched.waiting))
+        Gauge("microserve:kv_blocks_total", "KV cache blocks", registry=r).set_function(lambda: pool.num_blocks)
+        Gauge("microserve:kv_blocks_free", "KV cache blocks not held by a request", registry=r
+              ).set_function(lambda: pool.num_free_blocks)
+        Gauge("microserve:kv_blocks_used", "KV cache blocks held by requests", registry=r
+              ).set_function(lambda: pool.num_blocks - pool.num_free_blocks)
+        Gauge("microserve:prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens",
+              registry=r).set_function(lambda: pool.stats()["prefix_hit_rate"])
+        Gauge("microserve:num_preemptions", "Sequences preempted so far", registry=r
+              ).set_function(lambda: sched.num_preemptions)
+        self.ttft = Histogram("microserve:time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("microserve:inter_token_latency_seconds", "Time between output tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("microserve:e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("microserve:prompt_tokens", "Prompt tokens received", registry=r)
+        self.generation_tokens = Counter("microserve:generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("microserve:request_success", "Requests finished", ["finished_reason"], registry=r)
+        self._last_token_time: dict[str, float] = {}
+
+    def on_output(self, out: RequestOutput, arrival: float) -> None:
+        """Called in the engine loop thread for every output it delivers."""
+        now = time.monotonic()
+        new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+            last = self._last_token_time.get(out.request_id)
+            if last is None:
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                self.ttft.observe(now - arrival)
+            else:
+                self.itl.observe(now - last)
+            self._last_token_time[out.request_id] = now
+        if out.finished:
+            self._last_token_time.pop(out.request_id, None)
+            self.e2e.observe(now - arrival)
+            for c in out.outputs:
+                self.finished.labels(finished_reason=c.finish_reason or "abort").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
