@@ -154,14 +154,14 @@ def test_full_queue_answers_429(tiny_llama):
     s = ServerProcess(["engine", "--model", tiny_llama, "--served-model-name", MODEL, "--dtype", "float32",
                        "--kv-cache-memory", "64MiB", "--max-num-seqs", "1", "--max-waiting", "1"])
     try:
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1500, "ignore_eos": True}
         with httpx.Client(timeout=60) as c:
             results = []
             threads = [threading.Thread(target=lambda: results.append(c.post(s.url + "/v1/completions", json=body)))
                        for _ in range(2)]
             for t in threads:
                 t.start()
-                time.sleep(0.5)  # the first runs, the second waits
+                time.sleep(0.3)  # the first runs, the second waits
             r = c.post(s.url + "/v1/completions", json=body)
             assert r.status_code == 429 and r.headers["retry-after"]
             for t in threads:

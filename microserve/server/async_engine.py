@@ -107,8 +107,7 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out)
+                self._deliver(self.engine.step())
         except BaseException as e:  # the loop died: fail every waiting request, loudly
             self.error = e
             with self._lock:
@@ -131,19 +130,30 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            stream = self._streams.get(out.request_id)
-            if stream is not None and out.finished:
-                del self._streams[out.request_id]
-        if stream is None:
-            return
-        if self.observer is not None:
-            self.observer.on_output(out, stream.arrival)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            if self.observer is not None:
+                for stream, out in items:
+                    self.observer.on_output(out, stream.arrival)
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+
+def _put_all(items) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
