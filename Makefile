@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean
+.PHONY: serve engine test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/microserve generate "What is the capital of France?"
+
+# One engine behind the OpenAI-compatible API on 127.0.0.1:8000.
+engine: $(STAMP)
+	$(BIN)/microserve engine
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -201,10 +201,10 @@ def _open_gguf(path: Path):
     arch = _gguf_field(reader, "general.architecture", "?")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{path}: unsupported architecture {arch!r} (supported: llama, qwen2, qwen3, mistral)")
-    cfg = _gguf_config(reader, arch, path)
     unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
     if unknown:
         raise UserError(f"{path}: cannot map {len(unknown)} GGUF tensors, e.g. {unknown[:3]}")
+    cfg = _gguf_config(reader, arch, path)
     # llama.cpp permutes q/k rows only for archs it runs with interleaved (non-NeoX) rope.
     permuted = arch in ("llama", "mistral")
 
@@ -222,18 +222,27 @@ def _open_gguf(path: Path):
                 w = _unpermute(w, cfg.num_kv_heads)
             yield name, torch.from_numpy(w)
 
-    return cfg, weights(), len(reader.tensors), _gguf_tokenizer(path)
+    has_vocab = "tokenizer.ggml.model" in reader.fields
+    return cfg, weights(), len(reader.tensors), _gguf_tokenizer(path) if has_vocab else None
+
+
+_REQUIRED_GGUF_KEYS = {"block_count", "embedding_length", "feed_forward_length", "attention.head_count"}
 
 
 def _gguf_config(reader, arch: str, path: Path) -> ModelConfig:
     def get(key, default=None):
-        return _gguf_field(reader, f"{arch}.{key}", default)
+        value = _gguf_field(reader, f"{arch}.{key}", default)
+        if value is None and default is None and key in _REQUIRED_GGUF_KEYS:
+            raise UserError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
 
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     vocab = get("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
     scaling = None
     if get("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
