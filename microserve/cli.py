@@ -40,9 +40,10 @@ def cmd_engine(args) -> None:
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                        kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.max_model_len, block_size=args.block_size)
+                       max_model_len=args.max_model_len, block_size=args.block_size,
+                       kv_shared=args.kv_transport == "shm")
     run_engine_server(cfg, host=args.host, port=args.port, model_name=args.served_model_name,
-                      max_waiting=args.max_waiting, log_level=args.log_level)
+                      max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     e.add_argument("--log-level", default="info")
+    e.add_argument("--kv-transport", choices=["shm", "tcp"], default="shm",
+                   help="how peers write KV into this engine: shared memory (same host) or TCP")
     e.set_defaults(func=cmd_engine)
     return parser
 

@@ -136,6 +136,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0
+    kv_shared: bool = False  # KV pool in shared memory, so peers on this host can write into it
 
     def __post_init__(self):
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

@@ -7,7 +7,8 @@ import time
 import torch
 
 from microserve.config import EngineConfig
-from microserve.engine.block_pool import BlockPool, hash_block
+from microserve.engine.block_pool import BlockPool, hash_block, hash_prompt_blocks
+from microserve.engine.microserving import Conflict, Microserving
 from microserve.engine.model_runner import ModelRunner
 from microserve.engine.request import CompletionOutput, Request, RequestOutput, Status
 from microserve.engine.scheduler import Scheduler
@@ -31,6 +32,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.eos_token_ids = frozenset(self._eos_ids())
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self.microserving = Microserving(self)
+        self.held: dict[str, tuple[Request, object]] = {}  # prefill-only requests: id -> (request, on_done)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
@@ -72,6 +75,7 @@ class LLMEngine:
             raise UserError(f"request id {request_id!r} is already in use")
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
+        reserved = self.microserving.take(request_id, prompt_ids)
         seqs = []
         for i in range(params.n):
             generator = None
@@ -88,14 +92,52 @@ class LLMEngine:
                 generator=generator,
                 wait_for=seqs[0] if i else None,
             ))
+        if reserved is not None:  # start from the KV that prep_recv reserved and a peer filled
+            first = seqs[0]
+            first.block_ids = reserved.block_ids
+            first.num_computed_tokens = first.num_cached_tokens = reserved.valid_len
         self.groups[request_id] = seqs
         for s in seqs:
             self.scheduler.add(s)
         self.num_prompt_tokens += len(prompt_ids)
         return prompt_ids
 
+    def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done) -> None:
+        """Compute KV for `prompt_ids` (reusing the prefix cache) and hold its blocks.
+
+        `on_done(request)` runs in this thread once every position's KV exists; the
+        blocks stay held until `release_prefill(request_id)`.
+        """
+        if request_id in self.groups or request_id in self.held:
+            raise Conflict(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, SamplingParams(max_tokens=1))
+        req = Request(request_id=request_id, group_id=request_id, index=0, token_ids=list(prompt_ids),
+                      num_prompt_tokens=len(prompt_ids), params=SamplingParams(max_tokens=1), prefill_only=True)
+        self.held[request_id] = (req, on_done)
+        bs = self.pool.block_size
+        hit = self.pool.match_prefix(hash_prompt_blocks(prompt_ids, bs))
+        if len(hit) * bs == len(prompt_ids):  # all cached: nothing to compute
+            self.pool.touch(hit)
+            self.pool.record_lookup(len(prompt_ids), len(prompt_ids))
+            req.block_ids, req.num_computed_tokens = list(hit), len(prompt_ids)
+            req.num_cached_tokens = len(prompt_ids)
+            on_done(req)
+            return
+        self.scheduler.add(req)
+
+    def release_prefill(self, request_id: str) -> None:
+        """Free the blocks of a prefill-only request (done, failed or aborted)."""
+        entry = self.held.pop(request_id, None)
+        if entry is not None:
+            self.scheduler.finish(entry[0], "abort")
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request at once and free every block it holds. False if unknown."""
+        if self.microserving.abort(request_id):
+            return True
+        if request_id in self.held:
+            self.release_prefill(request_id)
+            return True
         seqs = self.groups.pop(request_id, None)
         if seqs is None:
             return False
@@ -120,6 +162,10 @@ class LLMEngine:
         for (req, n), result in zip(batch.items, results):
             req.num_computed_tokens += n
             self._cache_full_blocks(req)
+            if req.prefill_only and req.num_computed_tokens == req.num_tokens:
+                self.scheduler.hold(req)
+                self.held[req.request_id][1](req)
+                continue
             if result is not None:
                 if req.first_token_time is None:
                     req.first_token_time = now

@@ -33,7 +33,8 @@ class ModelRunner:
                 f"kv_cache_memory {cfg.kv_cache_memory} bytes holds fewer than 2 KV blocks "
                 f"({per_block} bytes each); give it more"
             )
-        self.kv = KVCache(loaded.config, num_blocks, cfg.block_size, loaded.dtype, loaded.device)
+        self.kv = KVCache(loaded.config, num_blocks, cfg.block_size, loaded.dtype, loaded.device,
+                          shared=cfg.kv_shared)
         self.sampler = Sampler(cfg.seed)
 
     @property
@@ -61,7 +62,7 @@ class ModelRunner:
                 ctx = None if start == 0 else self._context_slots(table, end)
                 prefills.append(PrefillSeq(row, row + n, end, ctx))
             row += n
-            if end == req.num_tokens:  # this step reaches the end: the next token is due
+            if end == req.num_tokens and not req.prefill_only:  # the next token is due
                 sample_rows.append(row - 1)
                 sample_reqs.append(req)
 
@@ -79,7 +80,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden).cpu()
             sampled = iter(self.sampler(logits, sample_reqs))
             for i, (req, n) in enumerate(items):
-                if req.num_computed_tokens + n == req.num_tokens:
+                if req.num_computed_tokens + n == req.num_tokens and not req.prefill_only:
                     results[i] = next(sampled)
         return results
 

@@ -37,6 +37,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     wait_for: "Request | None" = None  # sibling whose prompt prefill must finish first (n > 1)
     first_token_time: float | None = None
+    prefill_only: bool = False  # compute the prompt's KV and hold it (for remote_send); never sample
 
     # detokenizer state
     text: str = ""

@@ -85,8 +85,9 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int, batch: ScheduledBatch) -> bool:
         if self.pool.enable_prefix_caching and not req.block_ids:
-            # Reuse cached full blocks, but always compute at least the last token (for its logits).
-            hashes = hash_prompt_blocks(req.token_ids[: req.num_tokens - 1], self.block_size)
+            # Reuse cached full blocks, but always compute at least the last token (for its
+            # logits) unless the request only wants KV.
+            hashes = hash_prompt_blocks(req.token_ids[: req.num_tokens - (not req.prefill_only)], self.block_size)
             hit = self.pool.match_prefix(hashes)
             self.pool.touch(hit)
             req.block_ids = list(hit)
@@ -117,6 +118,11 @@ class Scheduler:
         req.block_ids = []
         req.block_hashes = []
         req.num_computed_tokens = 0
+
+    def hold(self, req: Request) -> None:
+        """Take a request out of the batch but keep its blocks (a prefill-only request, done)."""
+        if req in self.running:
+            self.running.remove(req)
 
     def finish(self, req: Request, reason: str) -> None:
         """Take a request out (finished or aborted) and free every block it holds."""

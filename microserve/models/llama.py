@@ -50,12 +50,40 @@ class AttentionMetadata:
 class KVCache:
     """Paged KV storage: per layer, `num_slots = num_blocks * block_size` rows of [kv_heads, head_dim]."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device, shared: bool = False):
+        """`shared=True` (CPU only) puts the pool in files under /dev/shm, so engines on this
+        host can write KV straight into it (the shm transport)."""
         shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_slots = num_blocks * block_size
+        self.paths: dict[str, str] = {}
+        if shared and torch.device(device).type == "cpu":
+            import os
+            import uuid
+
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+            tag = f"microserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            numel = 1
+            for n in shape:
+                numel *= n
+            for name in ("k", "v"):
+                path = os.path.join(folder, f"{tag}-{name}")
+                self.paths[name] = path
+                setattr(self, name, torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape))
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def close(self) -> None:
+        """Remove the shared-memory files (the mappings stay valid until dropped)."""
+        import os
+
+        for path in self.paths.values():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:

@@ -21,11 +21,12 @@ def served_model_name(model_path: str | None) -> str:
 
 
 def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-                      model_name: str | None = None, max_waiting: int = 256, log_level: str = "info") -> None:
+                      model_name: str | None = None, max_waiting: int = 256, log_level: str = "info",
+                      kv_transport: str = "shm") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(cfg)
     name = model_name or served_model_name(cfg.model)
-    app = build_app(engine, name, max_waiting=max_waiting)
+    app = build_app(engine, name, max_waiting=max_waiting, host=host, kv_transport=kv_transport)
     logging.getLogger("microserve").info("serving %s on http://%s:%d (KV blocks: %d of %d tokens)",
                                          name, host, port, engine.pool.num_blocks, cfg.block_size)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,

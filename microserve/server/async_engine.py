@@ -39,6 +39,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._adds: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple] = []  # (fn, loop, future): run in the loop thread between steps
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -92,6 +93,15 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def call(self, fn):
+        """Run `fn()` in the engine loop thread between steps; await its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._calls.append((fn, loop, future))
+        self._wake.set()
+        return future
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.append(request_id)
@@ -120,6 +130,14 @@ class AsyncEngine:
         with self._lock:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
+            calls, self._calls = self._calls, []
+        for fn, loop, future in calls:
+            try:
+                result, error = fn(), None
+            except Exception as e:
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        self.engine.microserving.expire()
         for request_id, prompt_ids, params in adds:
             try:
                 self.engine.add_request(request_id, prompt_ids, params)
@@ -157,3 +175,12 @@ class AsyncEngine:
 def _put_all(items) -> None:
     for stream, out in items:
         stream.queue.put_nowait(out)
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

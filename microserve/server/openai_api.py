@@ -20,7 +20,9 @@ from microserve.engine.request import CompletionOutput, RequestOutput
 from microserve.errors import UserError
 from microserve.sampling import SamplingParams
 from microserve.server.async_engine import AsyncEngine, QueueFull
+from microserve.engine.microserving import Conflict, NotFound
 from microserve.server.metrics import EngineMetrics
+from microserve.server.microserving_api import TransferFailed, add_microserving_routes
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger("microserve.server")
@@ -30,7 +32,8 @@ class ModelNotFound(Exception):
     pass
 
 
-def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256) -> FastAPI:
+def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: str = "127.0.0.1",
+              kv_transport: str = "shm") -> FastAPI:
     metrics = EngineMetrics(engine)
     aengine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics)
     tokenizer = engine.tokenizer
@@ -38,12 +41,16 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256) -> Fas
     @asynccontextmanager
     async def lifespan(app):
         aengine.start()
+        receiver.start()
         yield
+        receiver.close()
         aengine.shutdown()
+        engine.runner.kv.close()
 
     app = FastAPI(title="microserve", lifespan=lifespan)
     app.state.engine = aengine
     app.state.metrics = metrics
+    receiver = add_microserving_routes(app, engine, aengine, host, kv_transport)
 
     # ------------------------------------------------------------ errors
 
@@ -61,6 +68,18 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256) -> Fas
     @app.exception_handler(UserError)
     async def _user_error(request, exc: UserError):
         return JSONResponse(error_body(str(exc)), status_code=400)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request, exc: Conflict):
+        return JSONResponse(error_body(str(exc), "conflict_error"), status_code=409)
+
+    @app.exception_handler(NotFound)
+    async def _missing(request, exc: NotFound):
+        return JSONResponse(error_body(str(exc), "NotFoundError"), status_code=404)
+
+    @app.exception_handler(TransferFailed)
+    async def _transfer(request, exc: TransferFailed):
+        return JSONResponse(error_body(str(exc), "kv_transfer_error"), status_code=502)
 
     @app.exception_handler(ModelNotFound)
     async def _not_found(request, exc: ModelNotFound):

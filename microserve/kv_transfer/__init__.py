@@ -1,0 +1,1 @@
+"""Moving KV blocks between engines: the address format and the shm / TCP transports."""

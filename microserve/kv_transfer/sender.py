@@ -1,0 +1,65 @@
+"""The sending side: push positions [begin, end) of local KV into a receiver's blocks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import torch
+
+from microserve.kv_transfer.address import KVAddress, TransferResult
+from microserve.kv_transfer.wire import TransferError, read_json, send_json, send_tensor
+
+_shared_pools: dict[str, torch.Tensor] = {}
+
+
+def _open_shared(path: str, num_elements: int, dtype) -> torch.Tensor:
+    """Map a receiver's shared KV pool (one mapping per file, reused)."""
+    t = _shared_pools.get(path)
+    if t is None:
+        t = torch.from_file(path, shared=True, size=num_elements, dtype=dtype)
+        _shared_pools[path] = t
+    return t
+
+
+def send_kv(kv, src_slots: list[int], addr: KVAddress, fingerprint: dict,
+            layer_ready: Callable[[int], None] | None = None, timeout: float = 60.0) -> TransferResult:
+    """Write layer by layer; `layer_ready(i)` blocks until layer i's KV exists locally,
+    so the transfer of layer i overlaps the computation of the layers after it.
+    Returns once the receiver has acknowledged every byte; raises TransferError otherwise."""
+    begin, end = addr.begin, addr.begin + len(src_slots)
+    use_shm = addr.transport == "shm" and addr.shm is not None and os.path.exists(addr.shm["k"])
+    transport = "shm" if use_shm else "tcp"
+    start = time.perf_counter()
+    with socket.create_connection((addr.host, addr.port), timeout=timeout) as conn, conn.makefile("rb") as stream:
+        send_json(conn, {"request_id": addr.request_id, "token": addr.token, "fingerprint": fingerprint,
+                         "begin": begin, "end": end, "transport": transport})
+        reply = read_json(stream)
+        if not reply.get("ok"):
+            raise TransferError(reply.get("error", "refused"))
+        sent = 0
+        if end > begin:
+            src = torch.tensor(src_slots)
+            layers, _, heads, dim = kv.k.shape
+            if use_shm:
+                dst = torch.tensor(addr.dst_slots(begin, end, kv.block_size))
+                n = addr.shm["num_slots"] * heads * dim
+                remote = [_open_shared(addr.shm[name], layers * n, kv.k.dtype).view(layers, -1, heads, dim)
+                          for name in ("k", "v")]
+            for layer in range(layers):
+                if layer_ready is not None:
+                    layer_ready(layer)
+                for i, cache in enumerate((kv.k, kv.v)):
+                    rows = cache[layer].index_select(0, src)
+                    if use_shm:
+                        remote[i][layer].index_copy_(0, dst, rows)
+                        sent += rows.numel() * rows.element_size()
+                    else:
+                        sent += send_tensor(conn, rows)
+        send_json(conn, {"commit": True})
+        reply = read_json(stream)
+        if not reply.get("ok"):
+            raise TransferError(reply.get("error", "the receiver did not acknowledge"))
+    return TransferResult(tokens=end - begin, bytes=sent, seconds=time.perf_counter() - start, transport=transport)

@@ -1,0 +1,180 @@
+"""The microserving API of one engine: prep_recv, remote_send, start_generate, abort, status.
+
+Prompts are token ids; `request_id` names the same request on every engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from microserve.engine.engine import LLMEngine
+from microserve.errors import UserError
+from microserve.kv_transfer.address import KVAddress, layout_fingerprint
+from microserve.kv_transfer.receiver import KVReceiver
+from microserve.kv_transfer.sender import send_kv
+from microserve.kv_transfer.wire import TransferError
+from microserve.server.async_engine import AsyncEngine
+from microserve.server.protocol import _SamplingFields
+
+
+class PrepRecv(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    request_id: str = Field(min_length=1)
+    prompt: list[int] = Field(min_length=1)
+    end: int
+    lease_s: float = 60.0
+
+
+class RemoteSend(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    request_id: str = Field(min_length=1)
+    prompt: list[int] = Field(min_length=1)
+    begin: int = Field(ge=0)
+    end: int
+    kv_addr_info: dict
+
+
+class StartGenerate(_SamplingFields):
+    model: str | None = None
+    request_id: str = Field(min_length=1)
+    prompt: list[int] = Field(min_length=1)
+    begin: int = Field(0, ge=0)
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Abort(BaseModel):
+    request_id: str
+
+
+class TransferFailed(Exception):
+    """The peer refused or the transfer broke off (HTTP 502)."""
+
+
+def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngine, host: str, transport: str) -> KVReceiver:
+    cfg = engine.model_config
+    kv = engine.runner.kv
+    dtype = str(engine.loaded.dtype).removeprefix("torch.")
+    fingerprint = layout_fingerprint(cfg.name, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, kv.block_size)
+    receiver = KVReceiver(kv, fingerprint, engine.microserving, host=host)
+    shm = {"k": kv.paths["k"], "v": kv.paths["v"], "num_slots": kv.num_slots} if kv.paths else None
+
+    @app.post("/microserving/prep_recv")
+    async def prep_recv(req: PrepRecv):
+        r = await aengine.call(lambda: engine.microserving.prep_recv(req.request_id, req.prompt, req.end, req.lease_s))
+        addr = KVAddress(request_id=req.request_id, host=receiver.host, port=receiver.port, block_ids=r["block_ids"],
+                         begin=r["begin"], end=r["end"], offset=r["offset"], fingerprint=fingerprint,
+                         token=r["token"], shm=shm, transport=transport if shm else "tcp")
+        return {"kv_addr_info": addr.to_dict(), "prefix_matched_length": r["prefix_matched_length"],
+                "prompt_length": r["prompt_length"]}
+
+    @app.post("/microserving/remote_send")
+    async def remote_send(req: RemoteSend):
+        addr = KVAddress.from_dict(req.kv_addr_info)
+        if addr.fingerprint != fingerprint:
+            raise UserError(f"KV layout mismatch: receiver {addr.fingerprint}, this engine {fingerprint}")
+        end = req.end + len(req.prompt) if req.end < 0 else req.end
+        if not (0 <= req.begin <= end < len(req.prompt)) or end > addr.end or req.begin < addr.begin:
+            raise UserError(f"[begin, end) = [{req.begin}, {end}) must lie in the reservation "
+                            f"[{addr.begin}, {addr.end}) and below the prompt length")
+        start = time.perf_counter()
+        if req.begin == end:
+            return {"tokens": 0, "bytes": 0, "seconds": 0.0, "transport": "none",
+                    "reused_tokens": 0, "computed_tokens": 0}
+        local_id = f"{req.request_id}@send-{uuid.uuid4().hex[:8]}"
+        loop = asyncio.get_running_loop()
+        computed = loop.create_future()
+
+        def on_done(r):  # engine loop thread: the KV of [0, end) is complete
+            loop.call_soon_threadsafe(lambda: computed.done() or computed.set_result(r))
+
+        await aengine.call(lambda: engine.add_prefill_only(local_id, req.prompt[:end], on_done))
+        try:
+            held = await computed
+            bs = kv.block_size
+            src = [held.block_ids[p // bs] * bs + p % bs for p in range(req.begin, end)]
+            addr.begin, addr.end = req.begin, end
+            try:
+                result = await asyncio.to_thread(send_kv, kv, src, addr, fingerprint)
+            except (TransferError, OSError) as e:
+                raise TransferFailed(f"KV transfer to {addr.host}:{addr.port} failed: {e}") from None
+        finally:
+            await aengine.call(lambda: engine.release_prefill(local_id))
+        reused = min(held.num_cached_tokens, end)
+        return {"tokens": result.tokens, "bytes": result.bytes, "seconds": time.perf_counter() - start,
+                "transfer_seconds": result.seconds, "transport": result.transport,
+                "reused_tokens": reused, "computed_tokens": end - reused}
+
+    @app.post("/microserving/start_generate")
+    async def start_generate(req: StartGenerate):
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        if req.max_tokens is None:
+            params.max_tokens = max(1, engine.max_model_len - len(req.prompt))
+        gen = aengine.generate(req.request_id, req.prompt, params)
+        head = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or cfg.name}
+
+        def choice(c, text, ids, lps):
+            return {"index": c.index, "text": text, "token_ids": ids, "finish_reason": c.finish_reason,
+                    "logprobs": None if lps is None else {"token_logprobs": [lp for lp, _ in lps]}}
+
+        if not req.stream:
+            out = None
+            async for out in gen:
+                pass
+            completion = sum(len(c.token_ids) for c in out.outputs)
+            return {**head, "choices": [choice(c, c.text, c.token_ids, c.logprobs) for c in out.outputs],
+                    "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
+                              "total_tokens": len(req.prompt) + completion,
+                              "cached_tokens": out.num_cached_tokens}}
+
+        async def stream():
+            import json
+
+            async for out in gen:
+                for c in out.outputs:
+                    if c.delta_token_ids or c.finish_reason:
+                        body = {**head, "choices": [choice(c, c.delta_text, c.delta_token_ids, c.delta_logprobs)]}
+                        yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/microserving/abort")
+    async def abort(req: Abort):
+        found = await aengine.call(lambda: engine.abort_request(req.request_id))
+        aengine.abort(req.request_id)  # also ends a stream being served here
+        return {"ok": True, "found": found}
+
+    @app.get("/microserving/status")
+    async def status():
+        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint,
+                "kv_transfer": {"host": receiver.host, "port": receiver.port, "shm": shm is not None}}
+
+    @app.post("/microserving/prefix_match")
+    async def prefix_match(body: dict):
+        """How many leading tokens of `prompt` this engine holds in its prefix cache."""
+        from microserve.engine.block_pool import hash_prompt_blocks
+
+        prompt = body.get("prompt")
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            raise UserError("prompt must be a list of token ids")
+        hashes = hash_prompt_blocks(prompt, engine.pool.block_size)
+        cached = engine.pool.cached
+        n = 0
+        while n < len(hashes) and hashes[n] in cached:
+            n += 1
+        return {"matched_tokens": n * engine.pool.block_size}
+
+    @app.get("/microserving/prefix_hashes")
+    async def prefix_hashes():
+        """Every block hash this engine's prefix cache holds (hex), for routers to index."""
+        return {"block_size": engine.pool.block_size, "hashes": [h.hex() for h in list(engine.pool.cached)]}
+
+    return receiver
