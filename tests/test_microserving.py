@@ -188,3 +188,22 @@ def test_builtin_model_1p1d():
     finally:
         p.stop()
         d.stop()
+
+
+def test_sender_dying_mid_transfer_leaves_nothing_valid(cluster):
+    import json
+    import socket
+
+    t = cluster["t"]
+    prompt = prompt_of(40, seed=11)
+    recv = post(t, "/microserving/prep_recv", {"request_id": "dies", "prompt": prompt, "end": -1})
+    addr = recv["kv_addr_info"]
+    with socket.create_connection((addr["host"], addr["port"])) as s:
+        s.sendall(json.dumps({"request_id": "dies", "token": addr["token"], "fingerprint": addr["fingerprint"],
+                              "begin": 0, "end": 39, "transport": "tcp"}).encode() + b"\n")
+        assert json.loads(s.makefile("rb").readline())["ok"]
+        s.sendall(b"\x7f" * 1000)  # part of layer 0, then the sender is gone
+    time.sleep(0.5)
+    tokens, out = generate(t, "dies", prompt, begin=39)
+    assert out["usage"]["cached_tokens"] == 0  # the half-written positions were not trusted
+    assert tokens == reference(cluster, prompt, "dies-ref")

@@ -102,7 +102,7 @@ class LLMEngine:
         self.num_prompt_tokens += len(prompt_ids)
         return prompt_ids
 
-    def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done) -> None:
+    def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done, progress=None) -> None:
         """Compute KV for `prompt_ids` (reusing the prefix cache) and hold its blocks.
 
         `on_done(request)` runs in this thread once every position's KV exists; the
@@ -112,7 +112,8 @@ class LLMEngine:
             raise Conflict(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, SamplingParams(max_tokens=1))
         req = Request(request_id=request_id, group_id=request_id, index=0, token_ids=list(prompt_ids),
-                      num_prompt_tokens=len(prompt_ids), params=SamplingParams(max_tokens=1), prefill_only=True)
+                      num_prompt_tokens=len(prompt_ids), params=SamplingParams(max_tokens=1), prefill_only=True,
+                      kv_progress=progress)
         self.held[request_id] = (req, on_done)
         bs = self.pool.block_size
         hit = self.pool.match_prefix(hash_prompt_blocks(prompt_ids, bs))
@@ -121,7 +122,7 @@ class LLMEngine:
             self.pool.record_lookup(len(prompt_ids), len(prompt_ids))
             req.block_ids, req.num_computed_tokens = list(hit), len(prompt_ids)
             req.num_cached_tokens = len(prompt_ids)
-            on_done(req)
+            self._prefilled(req, on_done)
             return
         self.scheduler.add(req)
 
@@ -129,7 +130,16 @@ class LLMEngine:
         """Free the blocks of a prefill-only request (done, failed or aborted)."""
         entry = self.held.pop(request_id, None)
         if entry is not None:
-            self.scheduler.finish(entry[0], "abort")
+            req = entry[0]
+            if req.kv_progress is not None and req.num_computed_tokens < req.num_tokens:
+                req.kv_progress.fail("the request was released before its KV was computed")
+            self.scheduler.finish(req, "abort")
+
+    @staticmethod
+    def _prefilled(req: Request, on_done) -> None:
+        if req.kv_progress is not None:
+            req.kv_progress.complete(req.block_ids)
+        on_done(req)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request at once and free every block it holds. False if unknown."""
@@ -164,7 +174,7 @@ class LLMEngine:
             self._cache_full_blocks(req)
             if req.prefill_only and req.num_computed_tokens == req.num_tokens:
                 self.scheduler.hold(req)
-                self.held[req.request_id][1](req)
+                self._prefilled(req, self.held[req.request_id][1])
                 continue
             if result is not None:
                 if req.first_token_time is None:

@@ -38,6 +38,7 @@ class Request:
     wait_for: "Request | None" = None  # sibling whose prompt prefill must finish first (n > 1)
     first_token_time: float | None = None
     prefill_only: bool = False  # compute the prompt's KV and hold it (for remote_send); never sample
+    kv_progress: object | None = None  # a LayerProgress told about each layer of the last chunk
 
     # detokenizer state
     text: str = ""

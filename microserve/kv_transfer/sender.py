@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
-
 import torch
 
 from microserve.kv_transfer.address import KVAddress, TransferResult
+from microserve.kv_transfer.progress import LayerProgress
 from microserve.kv_transfer.wire import TransferError, read_json, send_json, send_tensor
 
 _shared_pools: dict[str, torch.Tensor] = {}
@@ -24,12 +23,14 @@ def _open_shared(path: str, num_elements: int, dtype) -> torch.Tensor:
     return t
 
 
-def send_kv(kv, src_slots: list[int], addr: KVAddress, fingerprint: dict,
-            layer_ready: Callable[[int], None] | None = None, timeout: float = 60.0) -> TransferResult:
-    """Write layer by layer; `layer_ready(i)` blocks until layer i's KV exists locally,
-    so the transfer of layer i overlaps the computation of the layers after it.
-    Returns once the receiver has acknowledged every byte; raises TransferError otherwise."""
-    begin, end = addr.begin, addr.begin + len(src_slots)
+def send_kv(kv, source: LayerProgress, addr: KVAddress, fingerprint: dict, timeout: float = 600.0) -> TransferResult:
+    """Push positions [addr.begin, addr.end) of local KV into the receiver, layer by layer.
+
+    Layer i goes out as soon as `source` says it is computed, so the transfer overlaps
+    the computation of the later layers. Returns once the receiver has acknowledged
+    every byte; raises TransferError otherwise (the receiver then keeps nothing).
+    """
+    begin, end = addr.begin, addr.end
     use_shm = addr.transport == "shm" and addr.shm is not None and os.path.exists(addr.shm["k"])
     transport = "shm" if use_shm else "tcp"
     start = time.perf_counter()
@@ -41,16 +42,20 @@ def send_kv(kv, src_slots: list[int], addr: KVAddress, fingerprint: dict,
             raise TransferError(reply.get("error", "refused"))
         sent = 0
         if end > begin:
-            src = torch.tensor(src_slots)
             layers, _, heads, dim = kv.k.shape
             if use_shm:
                 dst = torch.tensor(addr.dst_slots(begin, end, kv.block_size))
                 n = addr.shm["num_slots"] * heads * dim
                 remote = [_open_shared(addr.shm[name], layers * n, kv.k.dtype).view(layers, -1, heads, dim)
                           for name in ("k", "v")]
+            src = None
             for layer in range(layers):
-                if layer_ready is not None:
-                    layer_ready(layer)
+                try:
+                    source.wait_layer(layer, timeout)
+                except (RuntimeError, TimeoutError) as e:
+                    raise TransferError(f"computing the KV to send failed: {e}") from None
+                if src is None:
+                    src = torch.tensor(source.slots(begin, end, kv.block_size))
                 for i, cache in enumerate((kv.k, kv.v)):
                     rows = cache[layer].index_select(0, src)
                     if use_shm:

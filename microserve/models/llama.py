@@ -261,12 +261,15 @@ class LlamaForCausalLM(nn.Module):
         return cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :]
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, attn: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        """Hidden states [T, hidden] of every new token; KV of the new tokens is written to `kv`."""
+    def forward(self, input_ids, positions, attn: AttentionMetadata, kv: KVCache, layer_hook=None) -> torch.Tensor:
+        """Hidden states [T, hidden] of every new token; KV of the new tokens is written to `kv`.
+        `layer_hook(i)`, if given, runs once layer i's KV is written (KV transfer overlaps the rest)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn, kv.k[i], kv.v[i])
+            if layer_hook is not None:
+                layer_hook(i)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()

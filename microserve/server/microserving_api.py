@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
 from microserve.kv_transfer.address import KVAddress, layout_fingerprint
+from microserve.kv_transfer.progress import LayerProgress
 from microserve.kv_transfer.receiver import KVReceiver
 from microserve.kv_transfer.sender import send_kv
 from microserve.kv_transfer.wire import TransferError
@@ -94,16 +95,16 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         def on_done(r):  # engine loop thread: the KV of [0, end) is complete
             loop.call_soon_threadsafe(lambda: computed.done() or computed.set_result(r))
 
-        await aengine.call(lambda: engine.add_prefill_only(local_id, req.prompt[:end], on_done))
+        progress = LayerProgress(cfg.num_layers)
+        await aengine.call(lambda: engine.add_prefill_only(local_id, req.prompt[:end], on_done, progress))
         try:
-            held = await computed
-            bs = kv.block_size
-            src = [held.block_ids[p // bs] * bs + p % bs for p in range(req.begin, end)]
             addr.begin, addr.end = req.begin, end
+            # Starts now: it sends layer i as soon as the engine has computed it.
             try:
-                result = await asyncio.to_thread(send_kv, kv, src, addr, fingerprint)
+                result = await asyncio.to_thread(send_kv, kv, progress, addr, fingerprint)
             except (TransferError, OSError) as e:
                 raise TransferFailed(f"KV transfer to {addr.host}:{addr.port} failed: {e}") from None
+            held = await computed
         finally:
             await aengine.call(lambda: engine.release_prefill(local_id))
         reused = min(held.num_cached_tokens, end)
