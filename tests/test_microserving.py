@@ -207,3 +207,15 @@ def test_sender_dying_mid_transfer_leaves_nothing_valid(cluster):
     tokens, out = generate(t, "dies", prompt, begin=39)
     assert out["usage"]["cached_tokens"] == 0  # the half-written positions were not trusted
     assert tokens == reference(cluster, prompt, "dies-ref")
+
+
+def test_prefix_events_follow_the_cache(cluster):
+    d = cluster["d"]
+    start = httpx.get(d.url + "/microserving/kv_events").json()["next"]
+    prompt = prompt_of(17, seed=12)
+    generate(d, "events", prompt, max_tokens=1)
+    ev = httpx.get(d.url + "/microserving/kv_events", params={"since": start}).json()
+    from microserve.engine.block_pool import hash_prompt_blocks
+
+    stored = {h for _, kind, h in ev["events"] if kind == "stored"}
+    assert {h.hex() for h in hash_prompt_blocks(prompt, BS)} <= stored and not ev["dropped"]

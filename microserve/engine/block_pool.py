@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -24,6 +24,9 @@ def hash_prompt_blocks(token_ids, block_size: int, parent: bytes | None = None) 
     return hashes
 
 
+MAX_EVENTS = 65536
+
+
 class BlockPool:
     """Owns every KV block. A block is in use (ref > 0) or free; a free block may still hold
     a cached prefix (it has a hash) and is reused for it until evicted, oldest first."""
@@ -38,7 +41,10 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hit_tokens = 0
         self.queried_tokens = 0
-        self.events: list[tuple[str, bytes]] = []  # ("stored" | "removed", hash), drained by listeners
+        # Recent prefix-cache changes, numbered, for routers that follow them (bounded:
+        # a listener that falls behind re-reads the full list of hashes).
+        self.events: deque[tuple[int, str, bytes]] = deque(maxlen=MAX_EVENTS)
+        self.num_events = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -102,7 +108,7 @@ class BlockPool:
             return
         self.block_hash[block] = h
         self.cached[h] = block
-        self.events.append(("stored", h))
+        self._event("stored", h)
 
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]
@@ -110,7 +116,17 @@ class BlockPool:
             self.block_hash[block] = None
             if self.cached.get(h) == block:
                 del self.cached[h]
-                self.events.append(("removed", h))
+                self._event("removed", h)
+
+    def _event(self, kind: str, h: bytes) -> None:
+        self.events.append((self.num_events, kind, h))
+        self.num_events += 1
+
+    def events_since(self, seq: int) -> tuple[list[tuple[int, str, bytes]], bool]:
+        """Events numbered >= seq, and whether some of those were already dropped."""
+        events = list(self.events)
+        dropped = bool(events) and seq < events[0][0] or (not events and seq < self.num_events)
+        return [e for e in events if e[0] >= seq], dropped
 
     def stats(self) -> dict:
         return {

@@ -63,6 +63,7 @@ class KVCache:
             import uuid
 
             folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+            _remove_stale_pools(folder)
             tag = f"microserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             numel = 1
             for n in shape:
@@ -89,6 +90,24 @@ class KVCache:
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def _remove_stale_pools(folder: str) -> None:
+    """Delete shared KV pools left by engines that were killed (their pid is gone)."""
+    import glob
+    import os
+
+    for path in glob.glob(os.path.join(folder, "microserve-kv-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        except (ValueError, IndexError, PermissionError):
+            pass
 
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:

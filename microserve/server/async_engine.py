@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from microserve.engine.engine import LLMEngine
+from microserve.engine.microserving import Conflict
 from microserve.engine.request import RequestOutput
 from microserve.errors import UserError
 from microserve.sampling import SamplingParams
@@ -145,8 +146,8 @@ class AsyncEngine:
                 self._fail(request_id, e)
         for request_id in aborts:
             self.engine.abort_request(request_id)
-            with self._lock:
-                self._streams.pop(request_id, None)
+            # A consumer still waiting (aborted from elsewhere, e.g. by a router) must hear of it.
+            self._fail(request_id, Conflict(f"request {request_id!r} was aborted"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not per request."""

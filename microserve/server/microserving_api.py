@@ -167,15 +167,20 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
             raise UserError("prompt must be a list of token ids")
         hashes = hash_prompt_blocks(prompt, engine.pool.block_size)
-        cached = engine.pool.cached
-        n = 0
-        while n < len(hashes) and hashes[n] in cached:
-            n += 1
-        return {"matched_tokens": n * engine.pool.block_size}
+        blocks = await aengine.call(lambda: engine.pool.match_prefix(hashes))
+        return {"matched_tokens": len(blocks) * engine.pool.block_size}
 
     @app.get("/microserving/prefix_hashes")
     async def prefix_hashes():
         """Every block hash this engine's prefix cache holds (hex), for routers to index."""
-        return {"block_size": engine.pool.block_size, "hashes": [h.hex() for h in list(engine.pool.cached)]}
+        hashes = await aengine.call(lambda: [h.hex() for h in engine.pool.cached])
+        return {"block_size": engine.pool.block_size, "hashes": hashes}
+
+    @app.get("/microserving/kv_events")
+    async def kv_events(since: int = 0):
+        """Prefix-cache changes numbered from `since`: [seq, "stored" | "removed", hash]."""
+        events, dropped = await aengine.call(lambda: engine.pool.events_since(since))
+        return {"events": [[seq, kind, h.hex()] for seq, kind, h in events], "next": engine.pool.num_events,
+                "dropped": dropped}
 
     return receiver
