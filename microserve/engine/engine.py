@@ -10,7 +10,7 @@ from microserve.config import EngineConfig
 from microserve.engine.block_pool import BlockPool, hash_block, hash_prompt_blocks
 from microserve.engine.microserving import Conflict, Microserving
 from microserve.engine.model_runner import ModelRunner
-from microserve.engine.request import CompletionOutput, Request, RequestOutput, Status
+from microserve.engine.request import CompletionOutput, Request, RequestOutput
 from microserve.engine.scheduler import Scheduler
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel, load_model

@@ -71,11 +71,11 @@ class ModelRunner:
         if decode_rows:
             attn.decode_groups = self._decode_groups(decode_rows, decode_reqs, whole_batch=not prefills)
         # Prompts computed only to be sent: their transfer may start layer by layer.
-        watchers = [req.kv_progress for req, n in items
-                    if req.kv_progress is not None and req.num_computed_tokens + n == req.num_tokens]
-        for (req, n) in items:
-            if req.kv_progress in watchers:
+        watchers = []
+        for req, n in items:
+            if req.kv_progress is not None and req.num_computed_tokens + n == req.num_tokens:
                 req.kv_progress.start(req.block_ids)
+                watchers.append(req.kv_progress)
         hook = (lambda i: [w.layer_done(i) for w in watchers]) if watchers else None
         hidden = self.model(
             torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), attn, self.kv, layer_hook=hook
