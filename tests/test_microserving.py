@@ -78,36 +78,43 @@ def test_split_prefill_matches_one_engine(cluster, receiver, transport, split):
     assert tokens == reference(cluster, prompt, rid + "-ref")
 
 
-def test_receiver_already_holding_a_prefix(cluster):
-    d = cluster["d"]
-    shared = prompt_of(32, seed=3)
-    generate(d, "warm-d", shared + prompt_of(5, seed=4))  # D caches the 32-token prefix
-    prompt = shared + prompt_of(20, seed=5)
-    tokens, recv, sent, _ = disaggregated(cluster["p"], d, prompt, -1, "prefix-d")
+RECEIVERS = pytest.mark.parametrize("receiver,seed", [("d", 100), ("t", 200)])  # shm, tcp
+
+
+@RECEIVERS
+def test_receiver_already_holding_a_prefix(cluster, receiver, seed):
+    d = cluster[receiver]
+    shared = prompt_of(32, seed=seed)
+    generate(d, f"warm-{receiver}", shared + prompt_of(5, seed=seed + 1))  # D caches the 32-token prefix
+    prompt = shared + prompt_of(20, seed=seed + 2)
+    tokens, recv, sent, _ = disaggregated(cluster["p"], d, prompt, -1, f"prefix-{receiver}")
     assert recv["prefix_matched_length"] == 32
     assert sent["tokens"] == len(prompt) - 1 - 32  # only [32, end) crossed
-    assert tokens == reference(cluster, prompt, "prefix-ref")
+    assert tokens == reference(cluster, prompt, f"prefix-ref-{receiver}")
 
 
-def test_context_migration_sends_cached_kv_without_recompute(cluster):
+@RECEIVERS
+def test_context_migration_sends_cached_kv_without_recompute(cluster, receiver, seed):
     p = cluster["p"]
-    prompt = prompt_of(49, seed=6)  # end = 48 = 6 full blocks
-    generate(p, "warm-p", prompt)  # P holds the whole prompt in its prefix cache
-    tokens, recv, sent, _ = disaggregated(p, cluster["t"], prompt, -1, "migrate")
+    prompt = prompt_of(49, seed=seed + 3)  # end = 48 = 6 full blocks
+    generate(p, f"warm-p-{receiver}", prompt)  # P holds the whole prompt in its prefix cache
+    tokens, recv, sent, _ = disaggregated(p, cluster[receiver], prompt, -1, f"migrate-{receiver}")
     assert sent["reused_tokens"] == 48 and sent["computed_tokens"] == 0
-    assert tokens == reference(cluster, prompt, "migrate-ref")
+    assert tokens == reference(cluster, prompt, f"migrate-ref-{receiver}")
 
 
-def test_begin_equal_end_sends_nothing(cluster):
-    d = cluster["d"]
-    prompt = prompt_of(41, seed=7)
-    generate(d, "warm-d2", prompt)
-    recv = post(d, "/microserving/prep_recv", {"request_id": "nothing", "prompt": prompt, "end": 40})
+@RECEIVERS
+def test_begin_equal_end_sends_nothing(cluster, receiver, seed):
+    d = cluster[receiver]
+    prompt = prompt_of(41, seed=seed + 4)
+    generate(d, f"warm2-{receiver}", prompt)
+    rid = f"nothing-{receiver}"
+    recv = post(d, "/microserving/prep_recv", {"request_id": rid, "prompt": prompt, "end": 40})
     assert recv["prefix_matched_length"] == 40
-    sent = post(cluster["p"], "/microserving/remote_send", {"request_id": "nothing", "prompt": prompt, "begin": 40,
+    sent = post(cluster["p"], "/microserving/remote_send", {"request_id": rid, "prompt": prompt, "begin": 40,
                                                             "end": 40, "kv_addr_info": recv["kv_addr_info"]})
     assert sent["tokens"] == 0
-    assert generate(d, "nothing", prompt, begin=40)[0] == reference(cluster, prompt, "nothing-ref")
+    assert generate(d, rid, prompt, begin=40)[0] == reference(cluster, prompt, rid + "-ref")
 
 
 def wait_for_free(server, value, timeout=10):
