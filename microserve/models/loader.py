@@ -285,3 +285,16 @@ def _gguf_tokenizer(path: Path):
     except OSError:
         pass  # a read-only home still works, only slower
     return tokenizer
+
+
+def load_tokenizer(path: str | None = None):
+    """Only the tokenizer (and chat template) of a model: what a router needs."""
+    p = Path(path or builtin_model_path()).expanduser()
+    if not p.exists():
+        raise UserError(f"model path not found: {p}")
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_tokenizer(p)
+    tokenizer = _hf_tokenizer(p) if p.is_dir() else None
+    if tokenizer is None:
+        raise UserError(f"{p}: no tokenizer found")
+    return tokenizer

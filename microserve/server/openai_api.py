@@ -52,52 +52,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
     app.state.metrics = metrics
     receiver = add_microserving_routes(app, engine, aengine, host, kv_transport)
 
-    # ------------------------------------------------------------ errors
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
-        else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.exception_handler(UserError)
-    async def _user_error(request, exc: UserError):
-        return JSONResponse(error_body(str(exc)), status_code=400)
-
-    @app.exception_handler(Conflict)
-    async def _conflict(request, exc: Conflict):
-        return JSONResponse(error_body(str(exc), "conflict_error"), status_code=409)
-
-    @app.exception_handler(NotFound)
-    async def _missing(request, exc: NotFound):
-        return JSONResponse(error_body(str(exc), "NotFoundError"), status_code=404)
-
-    @app.exception_handler(TransferFailed)
-    async def _transfer(request, exc: TransferFailed):
-        return JSONResponse(error_body(str(exc), "kv_transfer_error"), status_code=502)
-
-    @app.exception_handler(ModelNotFound)
-    async def _not_found(request, exc: ModelNotFound):
-        return JSONResponse(error_body(str(exc), "NotFoundError", "model", "model_not_found"), status_code=404)
-
-    @app.exception_handler(QueueFull)
-    async def _busy(request, exc: QueueFull):
-        return JSONResponse(error_body(f"server busy: {exc}", "rate_limit_error"), status_code=429,
-                            headers={"Retry-After": "1"})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("internal error")  # the details stay in the server's log
-        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+    install_error_handlers(app)
 
     # ------------------------------------------------------------ small routes
 
@@ -268,6 +223,56 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped errors with the right status; no internals ever reach a client."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, exc: UserError):
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request, exc: Conflict):
+        return JSONResponse(error_body(str(exc), "conflict_error"), status_code=409)
+
+    @app.exception_handler(NotFound)
+    async def _missing(request, exc: NotFound):
+        return JSONResponse(error_body(str(exc), "NotFoundError"), status_code=404)
+
+    @app.exception_handler(TransferFailed)
+    async def _transfer(request, exc: TransferFailed):
+        return JSONResponse(error_body(str(exc), "kv_transfer_error"), status_code=502)
+
+    @app.exception_handler(ModelNotFound)
+    async def _not_found(request, exc: ModelNotFound):
+        return JSONResponse(error_body(str(exc), "NotFoundError", "model", "model_not_found"), status_code=404)
+
+    @app.exception_handler(QueueFull)
+    async def _busy(request, exc: QueueFull):
+        return JSONResponse(error_body(f"server busy: {exc}", "rate_limit_error"), status_code=429,
+                            headers={"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("internal error")  # the details stay in the server's log
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+
 
 
 def _as_prompt_list(prompt) -> list:

@@ -1,0 +1,250 @@
+"""The router: an OpenAI-compatible front that turns each request into sub-request calls
+through the current strategy, which can be switched at run time through the admin API."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from microserve.errors import UserError
+from microserve.router import strategies
+from microserve.router.cluster import Cluster, EngineError
+from microserve.server.metrics import LATENCY_BUCKETS
+from microserve.server.openai_api import ModelNotFound, _sse, _usage, install_error_handlers
+from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens")
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str = "round_robin",
+                     params: dict | None = None, admin_token: str | None = None) -> FastAPI:
+    registry = CollectorRegistry()
+    requests = Counter("microserve_router:requests", "Requests routed", ["strategy"], registry=registry)
+    failures = Counter("microserve_router:request_errors", "Requests that failed", registry=registry)
+    ttft = Histogram("microserve_router:time_to_first_token_seconds", "Router-side TTFT",
+                     buckets=LATENCY_BUCKETS, registry=registry)
+    # (name, function, params): replaced as a whole, so each request keeps the one it started with.
+    state = {"current": _resolve(strategy, None, params or {})}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await cluster.start()
+        yield
+        await cluster.stop()
+
+    app = FastAPI(title="microserve router", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request, exc: EngineError):
+        status = exc.status if 400 <= exc.status < 500 else 502
+        return JSONResponse(exc.body if "error" in exc.body else error_body(str(exc)), status_code=status)
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request, exc: Unauthorized):
+        return JSONResponse(error_body(str(exc), "authentication_error"), status_code=401)
+
+    # ------------------------------------------------------------ serving
+
+    async def route(prompt_ids: list[int], sampling: dict):
+        """Start the request on the current strategy; return (first chunk, the rest)."""
+        name, fn, kwargs = state["current"]
+        requests.labels(strategy=name).inc()
+        req = strategies.Request(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
+        start = time.monotonic()
+        chunks = fn(req, cluster, **kwargs).__aiter__()
+        try:
+            first = await chunks.__anext__()  # errors before any output become HTTP errors
+        except StopAsyncIteration:
+            first = None
+        except Exception:
+            failures.inc()
+            await chunks.aclose()
+            raise
+        ttft.observe(time.monotonic() - start)
+        return first, chunks
+
+    async def all_chunks(first, chunks):
+        if first is not None:
+            yield first
+        async for c in chunks:
+            yield c
+
+    def check_model(name):
+        if name != model_name:
+            raise ModelNotFound(f"The model `{name}` does not exist. This server serves `{model_name}`.")
+
+    def sampling_of(req, max_tokens, logprobs) -> dict:
+        fields = {k: getattr(req, k) for k in SAMPLING_FIELDS if hasattr(req, k) and getattr(req, k) is not None}
+        fields["max_tokens"] = max_tokens
+        if max_tokens is None:
+            fields.pop("max_tokens")
+        if logprobs is not None:
+            fields["logprobs"] = logprobs
+        req.sampling_params(max_tokens, logprobs)  # the same checks an engine makes, answered here
+        return fields
+
+    def tokenize(prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return tokenizer(prompt, add_special_tokens=True).input_ids
+        return list(prompt)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        if isinstance(req.prompt, list) and req.prompt and not all(isinstance(t, int) for t in req.prompt):
+            raise UserError("the router takes one prompt per request (a string or a list of token ids)")
+        ids = tokenize(req.prompt)
+        if not ids:
+            raise UserError("the prompt is empty")
+        first, chunks = await route(ids, sampling_of(req, req.max_tokens, req.logprobs))
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name}
+        echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
+        if not req.stream:
+            texts, finish, completion = {}, {}, 0
+            async for c in all_chunks(first, chunks):
+                for ch in c["choices"]:
+                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+                    completion += len(ch["token_ids"])
+                    finish[ch["index"]] = ch["finish_reason"] or finish.get(ch["index"])
+            choices = [{"index": i, "text": echo + texts[i], "logprobs": None, "finish_reason": finish[i]}
+                       for i in sorted(texts)]
+            return {**head, "choices": choices, "usage": _usage(len(ids), completion)}
+
+        async def stream():
+            completion, echoed = 0, set()
+            async for c in all_chunks(first, chunks):
+                for ch in c["choices"]:
+                    completion += len(ch["token_ids"])
+                    text = ch["text"]
+                    if echo and ch["index"] not in echoed:
+                        echoed.add(ch["index"])
+                        text = echo + text
+                    choice = {"index": ch["index"], "text": text, "logprobs": None, "finish_reason": ch["finish_reason"]}
+                    yield _sse({**head, "choices": [choice], **({"usage": None} if req.include_usage else {})})
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(len(ids), completion)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        first, chunks = await route(ids, sampling_of(req, max_tokens, None))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if not req.stream:
+            texts, finish, completion = {}, {}, 0
+            async for c in all_chunks(first, chunks):
+                for ch in c["choices"]:
+                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+                    completion += len(ch["token_ids"])
+                    finish[ch["index"]] = ch["finish_reason"] or finish.get(ch["index"])
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                        "logprobs": None, "finish_reason": finish[i]} for i in sorted(texts)]
+            return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(ids), completion)}
+
+        async def stream():
+            base = {**head, "object": "chat.completion.chunk"}
+            extra = {"usage": None} if req.include_usage else {}
+            for i in range(req.n):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}], **extra})
+            completion = 0
+            async for c in all_chunks(first, chunks):
+                for ch in c["choices"]:
+                    completion += len(ch["token_ids"])
+                    if ch["text"] or ch["token_ids"]:
+                        yield _sse({**base, "choices": [{"index": ch["index"], "delta": {"content": ch["text"]},
+                                                         "logprobs": None, "finish_reason": None}], **extra})
+                    if ch["finish_reason"]:
+                        yield _sse({**base, "choices": [{"index": ch["index"], "delta": {}, "logprobs": None,
+                                                         "finish_reason": ch["finish_reason"]}], **extra})
+            if req.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(len(ids), completion)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # ------------------------------------------------------------ small routes
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "microserve"}]}
+
+    @app.get("/health")
+    async def health():
+        up = sum(e.healthy for e in cluster.engines)
+        return JSONResponse({"status": "ok" if up else "error", "engines_up": up, "engines": len(cluster.engines)},
+                            status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------ admin
+
+    def authorize(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if not admin_token or not hmac.compare_digest(given, f"Bearer {admin_token}"):
+            raise Unauthorized("a valid admin token is required (Authorization: Bearer <token>)")
+
+    @app.get("/admin/strategy")
+    async def get_strategy(request: Request):
+        authorize(request)
+        name, _, kwargs = state["current"]
+        return {"name": name, "params": kwargs, "roles": [e.role for e in cluster.engines]}
+
+    @app.post("/admin/strategy")
+    async def set_strategy(request: Request):
+        authorize(request)
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise UserError("the request body is not valid JSON") from None
+        try:
+            new = _resolve(body.get("name"), body.get("source"), body.get("params") or {})
+            if body.get("roles") is not None:
+                cluster.set_roles(body["roles"])
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise UserError(f"cannot use this strategy: {e}") from None
+        state["current"] = new  # requests already running keep the strategy they started with
+        return {"name": new[0], "params": new[2], "roles": [e.role for e in cluster.engines]}
+
+    return app
+
+
+def _resolve(name: str | None, source: str | None, params: dict):
+    """(name, async generator function, params) for a built-in name, a .py path, or source text."""
+    if source:
+        fn = strategies.load_strategy_source(source)
+        return name or getattr(fn, "__name__", "custom"), fn, params
+    if not name:
+        raise ValueError("give a strategy `name` or its `source`")
+    if name in strategies.BUILTIN:
+        return name, strategies.BUILTIN[name], params
+    if name.endswith(".py"):
+        return name, strategies.load_strategy_file(name), params
+    raise ValueError(f"unknown strategy {name!r} (built in: {', '.join(strategies.BUILTIN)})")
+

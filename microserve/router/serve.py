@@ -1,0 +1,146 @@
+"""`microserve serve`: engines and a router on this machine, started and stopped together."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if this process dies, even by SIGKILL: no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], env: dict | None = None):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     preexec_fn=_die_with_parent, text=True, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # every log line, prefixed with who wrote it
+            sys.stdout.write(f"[{self.name}] {line}")
+            sys.stdout.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait_healthy(children: list[Child], urls: list[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    pending = dict(zip(urls, children))
+    while pending:
+        for url, child in list(pending.items()):
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    del pending[url]
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not healthy after {timeout} s: {', '.join(c.name for c in pending.values())}")
+        time.sleep(0.3)
+
+
+def serve(args) -> int:
+    n = args.engines
+    threads = max(1, (os.cpu_count() or 1) // n)
+    token = args.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN") or secrets.token_urlsafe(16)
+    model = ["--model", args.model] if args.model else []
+    name = args.served_model_name or _default_name(args.model)
+    children: list[Child] = []
+    stopping = threading.Event()
+
+    def stop_all(*_):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
+    try:
+        ports = [_free_port() for _ in range(n)]
+        engine_urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for i, port in enumerate(ports):
+            children.append(Child(f"engine-{i}", ["engine", *model, "--port", str(port), "--threads", str(threads),
+                                                  "--dtype", args.dtype, "--served-model-name", name,
+                                                  "--log-level", "warning"]))
+        _wait_healthy(children, engine_urls)
+        router_args = ["router", *model, "--port", str(args.port), "--host", args.host, "--strategy", args.strategy,
+                       "--served-model-name", name, "--log-level", "warning"]
+        for url in engine_urls:
+            router_args += ["--engine", url]
+        router = Child("router", router_args, env={"MICROSERVE_ADMIN_TOKEN": token})
+        children.append(router)
+        url = f"http://{args.host}:{args.port}"
+        _wait_healthy([router], [url])
+        print(_banner(url, name, n, threads, args.strategy, token), flush=True)
+        while not stopping.is_set():
+            for c in children:
+                if c.proc.poll() is not None:
+                    print(f"[serve] {c.name} exited with code {c.proc.returncode}; stopping everything", flush=True)
+                    return 1
+            stopping.wait(0.5)
+        return 0
+    except RuntimeError as e:
+        print(f"microserve: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for c in children:
+            c.stop()
+        for c in children:
+            c.wait(timeout=15)
+
+
+def _default_name(model: str | None) -> str:
+    from microserve.server.app import served_model_name
+
+    return served_model_name(model)
+
+
+def _banner(url: str, name: str, n: int, threads: int, strategy: str, token: str) -> str:
+    return f"""
+microserve is up: {n} engines ({threads} threads each) behind a router using `{strategy}`.
+
+  {url}/v1   (OpenAI-compatible; metrics at {url}/metrics)
+
+  curl {url}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="none")
+  print(client.chat.completions.create(model="{name}",
+        messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
+
+  switch strategy:  curl -X POST {url}/admin/strategy -H 'Authorization: Bearer {token}' \\
+                      -d '{{"name": "least_loaded"}}'
+
+Ctrl-C stops every process.
+"""

@@ -1,0 +1,128 @@
+"""Built-in strategies. A strategy is an async generator `(request, cluster, **params)` that
+yields the engine's output chunks; each one here uses only the public Cluster/Engine API."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from microserve.router.cluster import Cluster, Engine
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]  # token ids: the router tokenizes once for every engine
+    sampling: dict = field(default_factory=dict)  # OpenAI-style fields for start_generate
+
+
+async def generate_on(engine: Engine, req: Request) -> AsyncIterator[dict]:
+    """Data parallel: the whole request on one engine."""
+    async for chunk in engine.start_generate(req.request_id, req.prompt, 0, req.sampling):
+        yield chunk
+
+
+async def split(req: Request, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[dict]:
+    """Positions [0, end) prefilled on `prefill` and moved to `decode`, which does the rest."""
+    recv = await decode.prep_recv(req.request_id, req.prompt, end)
+    matched = recv["prefix_matched_length"]
+    if matched < end:
+        await prefill.remote_send(req.request_id, req.prompt, matched, end, recv["kv_addr_info"])
+    async for chunk in decode.start_generate(req.request_id, req.prompt, end, req.sampling):
+        yield chunk
+
+
+async def round_robin(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+    async for chunk in generate_on(cluster.next_round_robin(), req):
+        yield chunk
+
+
+async def least_loaded(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+    async for chunk in generate_on(cluster.least_loaded(cluster.healthy), req):
+        yield chunk
+
+
+async def prefix_aware(req: Request, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[dict]:
+    """The engine holding the longest prefix, where each queued request costs `tokens_per_queued`."""
+    best = max(cluster.healthy, key=lambda e: e.cached_tokens(req.prompt) - tokens_per_queued * e.load)
+    async for chunk in generate_on(best, req):
+        yield chunk
+
+
+async def disagg(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+    """Prefill on the least loaded prefill engine, decode on the least loaded decode engine."""
+    async for chunk in balanced_disagg(req, cluster, fraction=0.0):
+        yield chunk
+
+
+async def balanced_disagg(req: Request, cluster: Cluster, fraction: float = 0.1) -> AsyncIterator[dict]:
+    """Like disagg, but the decode engine prefills the last `fraction` of the prompt itself."""
+    decode = cluster.least_loaded(cluster.with_role("decode"))
+    prefills = [e for e in cluster.with_role("prefill") if e is not decode]
+    end = min(len(req.prompt) - 1, int(len(req.prompt) * (1 - fraction)))
+    if not prefills or end < 1:  # one engine, or nothing worth moving: data parallel
+        async for chunk in generate_on(decode, req):
+            yield chunk
+        return
+    async for chunk in split(req, cluster.least_loaded(prefills), decode, end):
+        yield chunk
+
+
+async def context_migration(req: Request, cluster: Cluster, min_tokens: int = 32) -> AsyncIterator[dict]:
+    """Decode on the least loaded decode engine; if another engine holds more of the prompt's
+    prefix, it sends that KV over instead of the target recomputing it."""
+    target = cluster.least_loaded(cluster.with_role("decode"))
+    holder = max(cluster.healthy, key=lambda e: e.cached_tokens(req.prompt))
+    have = holder.cached_tokens(req.prompt)
+    if holder is target or have - target.cached_tokens(req.prompt) < min_tokens:
+        async for chunk in generate_on(target, req):
+            yield chunk
+        return
+    async for chunk in split(req, holder, target, min(have, len(req.prompt) - 1)):
+        yield chunk
+
+
+async def adaptive(req: Request, cluster: Cluster, long_prompt: int = 256, busy: int = 4) -> AsyncIterator[dict]:
+    """Short prompts, or an idle cluster: data parallel on the least loaded engine. A long
+    prompt while engines are busy: disaggregate, moving more of the prefill to the decode
+    engine (fraction up to 0.5) as the decode side's queue shrinks relative to the prefill side's."""
+    engines = cluster.healthy
+    least = cluster.least_loaded(engines)
+    if len(engines) < 2 or len(req.prompt) < long_prompt or least.load < busy:
+        async for chunk in generate_on(least, req):
+            yield chunk
+        return
+    decode = cluster.least_loaded(cluster.with_role("decode"))
+    others = [e for e in engines if e is not decode]
+    prefill = cluster.least_loaded(others)
+    fraction = min(0.5, max(0.0, (prefill.load - decode.load) / (2 * max(1, prefill.load))))
+    end = min(len(req.prompt) - 1, int(len(req.prompt) * (1 - fraction)))
+    async for chunk in split(req, prefill, decode, end):
+        yield chunk
+
+
+BUILTIN = {f.__name__: f for f in (round_robin, least_loaded, prefix_aware, disagg, balanced_disagg,
+                                   context_migration, adaptive)}
+
+
+def load_strategy_source(source: str, name: str = "user_strategy"):
+    """A strategy from Python source: the module must define `strategy` (an async generator
+    function, or a class whose instances are called like one)."""
+    module = types.ModuleType(name)
+    try:
+        exec(compile(source, f"<{name}>", "exec"), module.__dict__)
+    except Exception as e:  # whatever user code raises, the caller gets a clear refusal
+        raise ValueError(f"the strategy source failed to load: {type(e).__name__}: {e}") from None
+    fn = getattr(module, "strategy", None)
+    if fn is None:
+        raise ValueError("the strategy source defines no `strategy`")
+    return fn() if isinstance(fn, type) else fn
+
+
+def load_strategy_file(path: str):
+    with open(path) as f:
+        return load_strategy_source(f.read(), name=path)
+
+
+__all__ = ["BUILTIN", "Request", "generate_on", "split", "load_strategy_source", "load_strategy_file"]

@@ -1,0 +1,201 @@
+"""The router over real engine processes: every strategy, hot swaps, admin auth, `serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from server_utils import ServerProcess, free_port
+
+TOKEN = "secret-admin-token"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shortest_queue_split.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    common = ["--model", tiny_llama, "--served-model-name", "tiny", "--dtype", "float32",
+              "--kv-cache-memory", "32MiB", "--block-size", "8"]
+    e0, e1, ref = (ServerProcess(["engine", *common]) for _ in range(3))
+    os.environ["MICROSERVE_ADMIN_TOKEN"] = TOKEN
+    try:
+        router = ServerProcess(["router", "--engine", e0.url, "--engine", e1.url, "--model", tiny_llama,
+                                "--served-model-name", "tiny"])
+    finally:
+        del os.environ["MICROSERVE_ADMIN_TOKEN"]
+    yield {"e0": e0, "e1": e1, "ref": ref, "router": router}
+    for p in (router, e0, e1, ref):
+        p.stop()
+
+
+def prompt_of(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 49152, (n,), generator=g).tolist()
+
+
+def complete(server, prompt, max_tokens=12):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                                         "temperature": 0, "ignore_eos": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def switch(router, body, token=TOKEN):
+    return httpx.post(router.url + "/admin/strategy", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def hits(server):
+    return httpx.get(server.url + "/microserving/status").json()["prefix_hit_tokens"]
+
+
+STRATEGIES = [
+    {"name": "round_robin"}, {"name": "least_loaded"}, {"name": "prefix_aware"}, {"name": "disagg"},
+    {"name": "disagg", "roles": ["prefill", "decode"]}, {"name": "balanced_disagg", "params": {"fraction": 0.3}},
+    {"name": "context_migration"}, {"name": "adaptive", "params": {"long_prompt": 8, "busy": 0}},
+    {"name": "custom", "source": EXAMPLE.read_text(), "params": {"long_prompt": 8}},
+]
+
+
+@pytest.mark.parametrize("spec", STRATEGIES, ids=lambda s: s["name"] + ("-roles" if "roles" in s else ""))
+def test_every_strategy_matches_one_engine(setup, spec):
+    router = setup["router"]
+    r = switch(router, {**spec, "roles": spec.get("roles", ["both", "both"])})
+    assert r.status_code == 200, r.text
+    for seed in (1, 2, 3):
+        prompt = prompt_of(30 + 7 * seed, seed)
+        assert complete(router, prompt) == complete(setup["ref"], prompt)
+
+
+def test_chat_and_stream_through_the_router(setup):
+    from openai import OpenAI
+
+    router = setup["router"]
+    switch(router, {"name": "disagg", "roles": ["both", "both"]})
+    client = OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "Tell me something"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    direct = OpenAI(base_url=setup["ref"].url + "/v1", api_key="none").chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    assert full.choices[0].message.content == direct.choices[0].message.content
+    assert full.usage.prompt_tokens == direct.usage.prompt_tokens and full.usage.completion_tokens == 10
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert httpx.post(router.url + "/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": "x",
+                                                            "temperature": 9}).status_code == 400
+
+
+def test_prefix_aware_goes_where_the_prefix_is(setup):
+    router, engines = setup["router"], [setup["e0"], setup["e1"]]
+    switch(router, {"name": "prefix_aware", "roles": ["both", "both"]})
+    shared = prompt_of(64, seed=40)
+    before = [hits(e) for e in engines]
+    complete(router, shared + [5, 6, 7])
+    time.sleep(1.0)  # the router's prefix index follows the engines' events
+    mid = [hits(e) for e in engines]
+    complete(router, shared + [8, 9, 10])
+    after = [hits(e) for e in engines]
+    gained = [a - m for a, m in zip(after, mid)]
+    assert max(gained) >= 64 and min(gained) == 0
+    assert [m - b for m, b in zip(mid, before)] == [0, 0]  # the first time, nothing was cached
+
+
+def test_context_migration_moves_kv_instead_of_recomputing(setup):
+    router, e0, e1 = setup["router"], setup["e0"], setup["e1"]
+    # e0 decodes; e1 holds the prompt's prefix.
+    switch(router, {"name": "context_migration", "params": {"min_tokens": 16}, "roles": ["decode", "prefill"]})
+    prompt = prompt_of(57, seed=50)  # end = 56 = 7 blocks of 8
+    complete(e1, prompt)
+    time.sleep(1.0)
+    before = hits(e1)
+    assert complete(router, prompt) == complete(setup["ref"], prompt)
+    assert hits(e1) - before >= 56  # e1 sent its cached KV: no recompute there
+
+
+def test_switch_during_50_requests_loses_none(setup):
+    router = setup["router"]
+    prompts = [prompt_of(20 + i % 17, 100 + i) for i in range(50)]
+    results = [None] * 50
+
+    def run(i):
+        try:
+            results[i] = complete(router, prompts[i], max_tokens=8)
+        except AssertionError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for spec in ({"name": "least_loaded"}, {"name": "disagg"}, {"name": "balanced_disagg", "params": {"fraction": 0.2}},
+                 {"name": "round_robin"}):
+        time.sleep(0.2)
+        assert switch(router, {**spec, "roles": ["both", "both"]}).status_code == 200
+    for t in threads:
+        t.join(timeout=300)
+    assert all(isinstance(r, str) for r in results), [r for r in results if not isinstance(r, str)][:3]
+    for i in (0, 17, 49):
+        assert results[i] == complete(setup["ref"], prompts[i], max_tokens=8)
+
+
+def test_admin_needs_the_token(setup):
+    router = setup["router"]
+    assert httpx.post(router.url + "/admin/strategy", json={"name": "round_robin"}).status_code == 401
+    assert switch(router, {"name": "round_robin"}, token="wrong").status_code == 401
+    assert switch(router, {"name": "no_such_strategy"}).status_code == 400
+    assert switch(router, {"source": "this is not python"}).status_code == 400
+    got = httpx.get(router.url + "/admin/strategy", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert got["name"] == "round_robin"
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
+                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert complete(type("S", (), {"url": url}), prompt_of(20, 7))
+        kids = children_of(proc.pid)
+        assert len(kids) == 3  # two engines and the router
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not any(alive(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+        assert "[engine-0]" in out or "microserve is up" in out
