@@ -127,7 +127,7 @@ def _default_name(model: str | None) -> str:
 
 def _banner(url: str, name: str, n: int, threads: int, strategy: str, token: str) -> str:
     return f"""
-microserve is up: {n} engines ({threads} threads each) behind a router using `{strategy}`.
+microserve is up: {n} engines ({threads} thread{"s" if threads != 1 else ""} each) behind a router using `{strategy}`.
 
   {url}/v1   (OpenAI-compatible; metrics at {url}/metrics)
 
