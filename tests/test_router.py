@@ -199,3 +199,29 @@ def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
             proc.kill()
         out = proc.stdout.read()
         assert "[engine-0]" in out or "microserve is up" in out
+
+
+def test_serve_stops_everything_when_a_child_crashes(tiny_llama):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
+                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        kids = children_of(proc.pid)
+        assert len(kids) == 3
+        os.kill(kids[0], signal.SIGKILL)  # an engine dies
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not any(alive(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
