@@ -225,3 +225,20 @@ def test_serve_stops_everything_when_a_child_crashes(tiny_llama):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_logprobs_through_the_router_match_the_engine(setup):
+    router, ref = setup["router"], setup["ref"]
+    switch(router, {"name": "disagg", "roles": ["both", "both"]})
+    body = {"model": "tiny", "prompt": prompt_of(25, 60), "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    via = httpx.post(router.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    direct = httpx.post(ref.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert via["tokens"] == direct["tokens"] and via["text_offset"] == direct["text_offset"]
+    assert via["token_logprobs"] == pytest.approx(direct["token_logprobs"], abs=1e-5)
+    assert [list(t) for t in via["top_logprobs"]] == [list(t) for t in direct["top_logprobs"]]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    via = httpx.post(router.url + "/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]["logprobs"]
+    direct = httpx.post(ref.url + "/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]["logprobs"]
+    assert [c["token"] for c in via["content"]] == [c["token"] for c in direct["content"]]
+    assert all(len(c["top_logprobs"]) == 2 for c in via["content"])

@@ -17,7 +17,14 @@ from microserve.errors import UserError
 from microserve.router import strategies
 from microserve.router.cluster import Cluster, EngineError
 from microserve.server.metrics import LATENCY_BUCKETS
-from microserve.server.openai_api import ModelNotFound, _sse, _usage, install_error_handlers
+from microserve.server.openai_api import (
+    ModelNotFound,
+    _sse,
+    _usage,
+    chat_logprobs,
+    completion_logprobs,
+    install_error_handlers,
+)
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -96,6 +103,22 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
         req.sampling_params(max_tokens, logprobs)  # the same checks an engine makes, answered here
         return fields
 
+    def token_text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    async def collect(first, chunks):
+        """Per choice index: text, token ids, logprobs (or None) and finish reason."""
+        out: dict[int, dict] = {}
+        async for c in all_chunks(first, chunks):
+            for ch in c["choices"]:
+                o = out.setdefault(ch["index"], {"text": "", "ids": [], "lps": None, "finish": None})
+                o["text"] += ch["text"]
+                o["ids"] += ch["token_ids"]
+                if ch.get("logprobs") is not None:
+                    o["lps"] = (o["lps"] or []) + ch["logprobs"]
+                o["finish"] = ch["finish_reason"] or o["finish"]
+        return out
+
     def tokenize(prompt) -> list[int]:
         if isinstance(prompt, str):
             return tokenizer(prompt, add_special_tokens=True).input_ids
@@ -114,15 +137,11 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                 "model": model_name}
         echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
         if not req.stream:
-            texts, finish, completion = {}, {}, 0
-            async for c in all_chunks(first, chunks):
-                for ch in c["choices"]:
-                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
-                    completion += len(ch["token_ids"])
-                    finish[ch["index"]] = ch["finish_reason"] or finish.get(ch["index"])
-            choices = [{"index": i, "text": echo + texts[i], "logprobs": None, "finish_reason": finish[i]}
-                       for i in sorted(texts)]
-            return {**head, "choices": choices, "usage": _usage(len(ids), completion)}
+            out = await collect(first, chunks)
+            choices = [{"index": i, "text": echo + o["text"], "finish_reason": o["finish"],
+                        "logprobs": completion_logprobs(token_text, o["ids"], o["lps"], len(echo))}
+                       for i, o in sorted(out.items())]
+            return {**head, "choices": choices, "usage": _usage(len(ids), sum(len(o["ids"]) for o in out.values()))}
 
         async def stream():
             completion, echoed = 0, set()
@@ -133,7 +152,8 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                     if echo and ch["index"] not in echoed:
                         echoed.add(ch["index"])
                         text = echo + text
-                    choice = {"index": ch["index"], "text": text, "logprobs": None, "finish_reason": ch["finish_reason"]}
+                    choice = {"index": ch["index"], "text": text, "finish_reason": ch["finish_reason"],
+                              "logprobs": completion_logprobs(token_text, ch["token_ids"], ch.get("logprobs"))}
                     yield _sse({**head, "choices": [choice], **({"usage": None} if req.include_usage else {})})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(len(ids), completion)})
@@ -151,17 +171,14 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         max_tokens = req.max_completion_tokens or req.max_tokens
-        first, chunks = await route(ids, sampling_of(req, max_tokens, None))
+        first, chunks = await route(ids, sampling_of(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if not req.stream:
-            texts, finish, completion = {}, {}, 0
-            async for c in all_chunks(first, chunks):
-                for ch in c["choices"]:
-                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
-                    completion += len(ch["token_ids"])
-                    finish[ch["index"]] = ch["finish_reason"] or finish.get(ch["index"])
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                        "logprobs": None, "finish_reason": finish[i]} for i in sorted(texts)]
+            out = await collect(first, chunks)
+            choices = [{"index": i, "message": {"role": "assistant", "content": o["text"], "refusal": None},
+                        "logprobs": chat_logprobs(token_text, o["ids"], o["lps"]), "finish_reason": o["finish"]}
+                       for i, o in sorted(out.items())]
+            completion = sum(len(o["ids"]) for o in out.values())
             return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(ids), completion)}
 
         async def stream():
@@ -175,8 +192,9 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                 for ch in c["choices"]:
                     completion += len(ch["token_ids"])
                     if ch["text"] or ch["token_ids"]:
+                        lps = chat_logprobs(token_text, ch["token_ids"], ch.get("logprobs"))
                         yield _sse({**base, "choices": [{"index": ch["index"], "delta": {"content": ch["text"]},
-                                                         "logprobs": None, "finish_reason": None}], **extra})
+                                                         "logprobs": lps, "finish_reason": None}], **extra})
                     if ch["finish_reason"]:
                         yield _sse({**base, "choices": [{"index": ch["index"], "delta": {}, "logprobs": None,
                                                          "finish_reason": ch["finish_reason"]}], **extra})

@@ -123,7 +123,8 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
 
         def choice(c, text, ids, lps):
             return {"index": c.index, "text": text, "token_ids": ids, "finish_reason": c.finish_reason,
-                    "logprobs": None if lps is None else {"token_logprobs": [lp for lp, _ in lps]}}
+                    # per token: [logprob, [[token id, logprob], ...]]; the router renders them
+                    "logprobs": None if lps is None else [[lp, [list(a) for a in top]] for lp, top in lps]}
 
         if not req.stream:
             out = None

@@ -108,16 +108,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
 
         def logprobs_block(lps, ids, start_offset):
-            if lps is None:
-                return None
-            tokens = [token_text(t) for t in ids]
-            offsets, pos = [], start_offset
-            for t in tokens:
-                offsets.append(pos)
-                pos += len(t)
-            return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
-                    "top_logprobs": [{token_text(t): v for t, v in top} for _, top in lps],
-                    "text_offset": offsets}
+            return completion_logprobs(token_text, ids, lps, start_offset)
 
         if not req.stream:
             finals = await _collect(gens)
@@ -175,15 +166,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
         head = {"id": rid, "created": created, "model": model_name}
 
         def logprobs_block(lps, ids):
-            if lps is None:
-                return None
-            content = []
-            for (lp, alts), t in zip(lps, ids):
-                s = token_text(t)
-                content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                                "top_logprobs": [{"token": token_text(a), "logprob": v,
-                                                  "bytes": list(token_text(a).encode())} for a, v in alts]})
-            return {"content": content}
+            return chat_logprobs(token_text, ids, lps)
 
         if not req.stream:
             (out,) = await _collect([gen])
@@ -273,6 +256,32 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("internal error")  # the details stay in the server's log
         return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
 
+
+
+def completion_logprobs(token_text, ids: list[int], lps, start_offset: int = 0) -> dict | None:
+    """The completions API's logprobs: `lps[i]` = (logprob, [(token id, logprob), ...])."""
+    if lps is None:
+        return None
+    tokens = [token_text(t) for t in ids]
+    offsets, pos = [], start_offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
+            "top_logprobs": [{token_text(t): v for t, v in top} for _, top in lps], "text_offset": offsets}
+
+
+def chat_logprobs(token_text, ids: list[int], lps) -> dict | None:
+    """The chat API's logprobs (`content` entries with bytes and top alternatives)."""
+    if lps is None:
+        return None
+    content = []
+    for (lp, alts), t in zip(lps, ids):
+        s = token_text(t)
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": token_text(a), "logprob": v,
+                                          "bytes": list(token_text(a).encode())} for a, v in alts]})
+    return {"content": content}
 
 
 def _as_prompt_list(prompt) -> list:
