@@ -11,38 +11,16 @@ moves KV without computing it; TTFT is measured on fresh prompts.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import torch
 
-
-def start_engine(port, *extra):
-    cmd = [sys.executable, "-m", "microserve.cli", "engine", "--port", str(port), "--served-model-name", "m",
-           "--log-level", "warning", "--kv-cache-memory", "1GiB", *extra]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("engine did not start")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from procs import start, stop
 
 
 def post(url, path, body):
@@ -112,7 +90,7 @@ def main():
     procs = {}
     try:
         for name, extra in [("p", []), ("d", []), ("t", ["--kv-transport", "tcp"])]:
-            procs[name] = start_engine(free_port(), *common, *extra)
+            procs[name] = start(["engine", "--served-model-name", "m", "--kv-cache-memory", "1GiB", *common, *extra])
         P, D, T = (procs[k][1] for k in ("p", "d", "t"))
         rows = []
         for n in lengths:
@@ -156,8 +134,7 @@ def main():
             ttft.append((n, statistics.median(single), statistics.median(split)))
     finally:
         for proc, _ in procs.values():
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            stop(proc)
 
     print(f"\n{'measure':45} {'MB':>8} {'GB/s':>7}")
     for name, nbytes, gbps in rows:

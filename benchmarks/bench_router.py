@@ -9,32 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_server import free_port  # noqa: E402
-
-
-def start(args):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", *args, "--port", str(port),
-                             "--log-level", "warning"], start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{args[0]} did not start")
+from procs import start, stop
 
 
 async def one(client, url, prompt, max_tokens):
@@ -88,8 +69,7 @@ def main():
                           for k in ("direct", "router"))
     finally:
         for p in (router, engine):
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait()
+            stop(p)
     print(f"\n{args.requests} requests, prompt {args.prompt_len} tokens, output {args.output_len}, "
           f"concurrency {args.concurrency}")
     print(f"medians of {args.rounds} alternating rounds")

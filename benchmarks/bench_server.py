@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+
+from procs import start, stop
 
 
 def pct(values, q):
@@ -57,12 +54,6 @@ async def drive(url, model, prompts, max_tokens):
     return wall, ttft, itl
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -75,26 +66,15 @@ def main():
 
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(args.prompt_len)] for _ in range(args.clients)]
-    port = free_port()
-    cmd = [sys.executable, "-m", "microserve.cli", "engine", "--port", str(port), "--dtype", args.dtype,
-           "--threads", str(args.threads), "--served-model-name", "bench", "--max-num-seqs", "64",
-           "--log-level", "warning"] + (["--model", args.model] if args.model else [])
-    server = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start(["engine", "--dtype", args.dtype, "--threads", str(args.threads), "--served-model-name",
+                         "bench", "--max-num-seqs", "64"] + (["--model", args.model] if args.model else []))
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         asyncio.run(drive(url, "bench", prompts[:2], 4))  # warm up
         cpu0 = time.process_time()
         wall, ttft, itl = asyncio.run(drive(url, "bench", prompts, args.output_len))
         client_cpu = time.process_time() - cpu0
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
+        stop(server)
 
     import torch
 

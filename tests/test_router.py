@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from server_utils import ServerProcess, free_port
+from server_utils import ServerProcess, free_port, wait_healthy
 
 TOKEN = "secret-admin-token"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shortest_queue_split.py"
@@ -178,13 +178,7 @@ def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(url)
         assert complete(type("S", (), {"url": url}), prompt_of(20, 7))
         kids = children_of(proc.pid)
         assert len(kids) == 3  # two engines and the router
@@ -207,13 +201,7 @@ def test_serve_stops_everything_when_a_child_crashes(tiny_llama):
                              "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(f"http://127.0.0.1:{port}")
         kids = children_of(proc.pid)
         assert len(kids) == 3
         os.kill(kids[0], signal.SIGKILL)  # an engine dies
