@@ -111,7 +111,7 @@ def test_prefix_aware_goes_where_the_prefix_is(setup):
 
 
 def test_context_migration_moves_kv_instead_of_recomputing(setup):
-    router, e0, e1 = setup["router"], setup["e0"], setup["e1"]
+    router, e1 = setup["router"], setup["e1"]
     # e0 decodes; e1 holds the prompt's prefix.
     switch(router, {"name": "context_migration", "params": {"min_tokens": 16}, "roles": ["decode", "prefill"]})
     prompt = prompt_of(57, seed=50)  # end = 56 = 7 blocks of 8
