@@ -230,3 +230,23 @@ def test_logprobs_through_the_router_match_the_engine(setup):
     direct = httpx.post(ref.url + "/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]["logprobs"]
     assert [c["token"] for c in via["content"]] == [c["token"] for c in direct["content"]]
     assert all(len(c["top_logprobs"]) == 2 for c in via["content"])
+
+
+def test_several_prompts_in_one_completion_call(setup):
+    router, ref = setup["router"], setup["ref"]
+    switch(router, {"name": "round_robin", "roles": ["both", "both"]})
+    body = {"model": "tiny", "prompt": [prompt_of(20, 70), prompt_of(26, 71)], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "n": 2}
+    via = httpx.post(router.url + "/v1/completions", json=body, timeout=60).json()
+    direct = httpx.post(ref.url + "/v1/completions", json=body, timeout=60).json()
+    assert sorted((c["index"], c["text"]) for c in via["choices"]) == sorted((c["index"], c["text"]) for c in direct["choices"])
+    assert via["usage"] == direct["usage"]
+    with httpx.stream("POST", router.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        import json as _json
+
+        texts = {}
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in _json.loads(line[6:])["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in direct["choices"]}

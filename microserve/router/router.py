@@ -3,6 +3,7 @@ through the current strategy, which can be switched at run time through the admi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -19,6 +20,8 @@ from microserve.router.cluster import Cluster, EngineError
 from microserve.server.metrics import LATENCY_BUCKETS
 from microserve.server.openai_api import (
     ModelNotFound,
+    _as_prompt_list,
+    _merge,
     _sse,
     _usage,
     chat_logprobs,
@@ -127,36 +130,47 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req.model)
-        if isinstance(req.prompt, list) and req.prompt and not all(isinstance(t, int) for t in req.prompt):
-            raise UserError("the router takes one prompt per request (a string or a list of token ids)")
-        ids = tokenize(req.prompt)
-        if not ids:
+        prompts = _as_prompt_list(req.prompt)  # each prompt is routed as its own request
+        ids_list = [tokenize(p) for p in prompts]
+        if not all(ids_list):
             raise UserError("the prompt is empty")
-        first, chunks = await route(ids, sampling_of(req, req.max_tokens, req.logprobs))
+        sampling = sampling_of(req, req.max_tokens, req.logprobs)
+        routed = []
+        try:
+            for ids in ids_list:
+                routed.append(await route(ids, sampling))
+        except Exception:
+            for _, chunks in routed:  # closing them aborts what already started
+                await chunks.aclose()
+            raise
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
+        echoes = [(p if isinstance(p, str) else tokenizer.decode(ids)) if req.echo else ""
+                  for p, ids in zip(prompts, ids_list)]
+        prompt_tokens = sum(map(len, ids_list))
         if not req.stream:
-            out = await collect(first, chunks)
-            choices = [{"index": i, "text": echo + o["text"], "finish_reason": o["finish"],
-                        "logprobs": completion_logprobs(token_text, o["ids"], o["lps"], len(echo))}
-                       for i, o in sorted(out.items())]
-            return {**head, "choices": choices, "usage": _usage(len(ids), sum(len(o["ids"]) for o in out.values()))}
+            outs = await asyncio.gather(*(collect(first, chunks) for first, chunks in routed))
+            choices = [{"index": i * req.n + j, "text": echoes[i] + o["text"], "finish_reason": o["finish"],
+                        "logprobs": completion_logprobs(token_text, o["ids"], o["lps"], len(echoes[i]))}
+                       for i, out in enumerate(outs) for j, o in sorted(out.items())]
+            completion = sum(len(o["ids"]) for out in outs for o in out.values())
+            return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion)}
 
         async def stream():
             completion, echoed = 0, set()
-            async for c in all_chunks(first, chunks):
+            async for i, c in _merge([all_chunks(first, chunks) for first, chunks in routed]):
                 for ch in c["choices"]:
+                    index = i * req.n + ch["index"]
                     completion += len(ch["token_ids"])
                     text = ch["text"]
-                    if echo and ch["index"] not in echoed:
-                        echoed.add(ch["index"])
-                        text = echo + text
-                    choice = {"index": ch["index"], "text": text, "finish_reason": ch["finish_reason"],
+                    if echoes[i] and index not in echoed:
+                        echoed.add(index)
+                        text = echoes[i] + text
+                    choice = {"index": index, "text": text, "finish_reason": ch["finish_reason"],
                               "logprobs": completion_logprobs(token_text, ch["token_ids"], ch.get("logprobs"))}
                     yield _sse({**head, "choices": [choice], **({"usage": None} if req.include_usage else {})})
             if req.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(len(ids), completion)})
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")

@@ -67,6 +67,8 @@ class AsyncEngine:
 
         Closing the iterator before the request finishes aborts it and frees its KV.
         """
+        if self.error is not None:
+            raise RuntimeError(f"the engine loop has stopped: {self.error}")
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._lock:
