@@ -171,11 +171,14 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
+def start_serve(tiny_llama, port, **popen):
+    return subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
+                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)], **popen)
+
+
 def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
-                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_serve(tiny_llama, port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
@@ -197,9 +200,7 @@ def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
 
 def test_serve_stops_everything_when_a_child_crashes(tiny_llama):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
-                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_serve(tiny_llama, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}")
         kids = children_of(proc.pid)

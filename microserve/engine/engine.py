@@ -34,8 +34,6 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self.microserving = Microserving(self)
         self.held: dict[str, tuple[Request, object]] = {}  # prefill-only requests: id -> (request, on_done)
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
 
     def _eos_ids(self) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -99,7 +97,6 @@ class LLMEngine:
         self.groups[request_id] = seqs
         for s in seqs:
             self.scheduler.add(s)
-        self.num_prompt_tokens += len(prompt_ids)
         return prompt_ids
 
     def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done, progress=None) -> None:
@@ -195,7 +192,6 @@ class LLMEngine:
     def _append_token(self, req: Request, result: SampleResult) -> None:
         token = result.token_id
         req.token_ids.append(token)
-        self.num_generated_tokens += 1
         if req.params.logprobs is not None:
             req.logprobs.append((result.logprob, result.top_logprobs))
         params = req.params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from microserve.errors import UserError
 
@@ -59,6 +59,3 @@ class TransferResult:
     bytes: int = 0
     seconds: float = 0.0
     transport: str = "none"
-    reused_tokens: int = 0  # prompt tokens the sender took from its prefix cache
-    computed_tokens: int = 0  # prompt tokens the sender computed for this transfer
-    extra: dict = field(default_factory=dict)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microserve.engine.engine import LLMEngine
-from microserve.engine.request import CompletionOutput, RequestOutput
+from microserve.engine.request import RequestOutput
 from microserve.errors import UserError
 from microserve.sampling import SamplingParams
 from microserve.server.async_engine import AsyncEngine, QueueFull
@@ -348,5 +348,3 @@ async def _merge(gens) -> AsyncIterator[tuple[int, RequestOutput]]:
         for t in tasks:
             t.cancel()
 
-
-__all__ = ["build_app", "CompletionOutput"]
