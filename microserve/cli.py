@@ -1,4 +1,4 @@
-"""`microserve` command line: generate (and, as they land, serve / engine / router / bench)."""
+"""`microserve` command line: generate, engine, router, serve, bench."""
 
 from __future__ import annotations
 
@@ -43,32 +43,63 @@ def cmd_engine(args) -> None:
                        max_model_len=args.max_model_len, block_size=args.block_size,
                        kv_shared=args.kv_transport == "shm")
     run_engine_server(cfg, host=args.host, port=args.port, model_name=args.served_model_name,
-                      max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport)
+                      max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
+                      api_keys=_api_keys(args), cluster_token=_cluster_token(args),
+                      max_body_bytes=args.max_body_bytes)
+
+
+def _api_keys(args) -> list[str]:
+    from microserve.server.security import env_list
+
+    return list(args.api_key or []) + env_list("MICROSERVE_API_KEYS")
+
+
+def _cluster_token(args) -> str | None:
+    import os
+
+    return (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN")
+            or os.environ.get("MICROSERVE_ADMIN_TOKEN") or None)
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", action="append", default=None,
+                   help="a key clients must send as 'Authorization: Bearer KEY' on /v1 (repeat for several; "
+                        "or MICROSERVE_API_KEYS=k1,k2)")
+    p.add_argument("--cluster-token", "--admin-token", dest="cluster_token", default=None,
+                   help="secret for the admin, microserving and KV-transfer surfaces (or MICROSERVE_CLUSTER_TOKEN)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger request bodies get 413")
 
 
 def cmd_router(args) -> None:
     import logging
-    import os
 
     import uvicorn
 
     from microserve.models.loader import load_tokenizer
     from microserve.router.cluster import Cluster
     from microserve.router.router import build_router_app
-    from microserve.server.app import served_model_name
+    from microserve.server.app import raise_open_file_limit, served_model_name
+    from microserve.server.security import is_loopback
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     roles = args.roles.split(",") if args.roles else None
-    cluster = Cluster(args.engine, roles)
-    token = args.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN")
+    token = _cluster_token(args)
+    keys = _api_keys(args)
+    if not is_loopback(args.host) and not keys:
+        logging.getLogger("microserve").warning("serving on %s without --api-key: anyone who can reach it may use it",
+                                                args.host)
+    raise_open_file_limit()
+    cluster = Cluster(args.engine, roles, token=token)
     try:
         app = build_router_app(cluster, load_tokenizer(args.model),
                                args.served_model_name or served_model_name(args.model),
-                               strategy=args.strategy, admin_token=token)
+                               strategy=args.strategy, cluster_token=token, api_keys=keys,
+                               max_active=args.max_active, max_queued=args.max_queued,
+                               max_body_bytes=args.max_body_bytes)
     except (ValueError, OSError, SyntaxError) as e:
         raise UserError(f"cannot load strategy {args.strategy!r}: {e}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, backlog=4096)
 
 
 def cmd_serve(args) -> None:
@@ -126,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log-level", default="info")
     e.add_argument("--kv-transport", choices=["shm", "tcp"], default="shm",
                    help="how peers write KV into this engine: shared memory (same host) or TCP")
+    _add_security_args(e)
     e.set_defaults(func=cmd_engine)
 
     r = sub.add_parser("router", help="an OpenAI-compatible front that splits requests across engines")
@@ -136,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--served-model-name", default=None)
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8000)
-    r.add_argument("--admin-token", default=None, help="bearer token for /admin (or MICROSERVE_ADMIN_TOKEN)")
+    r.add_argument("--max-active", type=int, default=None,
+                   help="requests running on the engines at once (default: 256 per engine); more wait here")
+    r.add_argument("--max-queued", type=int, default=4096, help="requests waiting in the router before 429")
+    _add_security_args(r)
     r.add_argument("--log-level", default="info")
     r.set_defaults(func=cmd_router)
 
@@ -148,9 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--admin-token", default=None)
+    s.add_argument("--cluster-token", "--admin-token", dest="cluster_token", default=None,
+                   help="secret for the admin API and the engines (default: a fresh random one)")
+    s.add_argument("--api-key", action="append", default=None, help="a key clients must send (repeat for several)")
+    s.add_argument("--max-restarts", type=int, default=5, help="restarts of a crashed engine within 5 minutes "
+                                                                 "before serve gives up")
     s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
     s.set_defaults(func=cmd_serve)
+
+    import importlib.util  # TEMP until bench lands
+    if importlib.util.find_spec("microserve.bench.cli") is None:
+        return parser
+    from microserve.bench import cli as bench_cli
+
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, JCT, goodput")
+    bench_cli.add_arguments(b)
+    b.set_defaults(func=bench_cli.run)
     return parser
 
 

@@ -171,9 +171,10 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
-def start_serve(tiny_llama, port, **popen):
+def start_serve(tiny_llama, port, *extra, **popen):
     return subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--engines", "2", "--model", tiny_llama,
-                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port)], **popen)
+                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port), *extra],
+                            **popen)
 
 
 def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
@@ -198,19 +199,30 @@ def test_serve_starts_everything_and_sigterm_stops_everything(tiny_llama):
         assert "[engine-0]" in out or "microserve is up" in out
 
 
-def test_serve_stops_everything_when_a_child_crashes(tiny_llama):
+def test_serve_restarts_a_crashed_engine_then_gives_up(tiny_llama):
     port = free_port()
-    proc = start_serve(tiny_llama, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    proc = start_serve(tiny_llama, port, "--max-restarts", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}")
+        wait_healthy(url)
         kids = children_of(proc.pid)
         assert len(kids) == 3
-        os.kill(kids[0], signal.SIGKILL)  # an engine dies
+        os.kill(kids[0], signal.SIGKILL)  # an engine dies: serve starts it again on the same port
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            up = httpx.get(url + "/health").json()["engines_up"]
+            now = children_of(proc.pid)
+            if up == 2 and len(now) == 3 and kids[0] not in now:
+                break
+            time.sleep(0.5)
+        assert up == 2 and len(now) == 3, (up, now)
+        assert complete(type("S", (), {"url": url}), prompt_of(20, 8))
+        os.kill([k for k in now if k not in kids][0], signal.SIGKILL)  # once more than --max-restarts allows
         assert proc.wait(timeout=60) != 0
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(k) for k in kids):
+        while time.monotonic() < deadline and any(alive(k) for k in now):
             time.sleep(0.2)
-        assert not any(alive(k) for k in kids)
+        assert not any(alive(k) for k in now)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -66,13 +66,21 @@ class LLMEngine:
                 f"exceeds the context window of {limit} tokens"
             )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises UserError on bad input."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    resume: tuple[list[int], int] | None = None) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises UserError on bad input.
+
+        `resume = (generated token ids, characters of their text already delivered)` continues a
+        sequence another engine started (fail-over): those tokens count as output (for
+        max_tokens, min_tokens, penalties, stop strings) and are not emitted again.
+        """
         params = params or SamplingParams()
         if request_id in self.groups:
             raise UserError(f"request id {request_id!r} is already in use")
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
+        if resume is not None:
+            self.validate_resume(prompt_ids, params, resume[0])
         reserved = self.microserving.take(request_id, prompt_ids)
         seqs = []
         for i in range(params.n):
@@ -90,6 +98,8 @@ class LLMEngine:
                 generator=generator,
                 wait_for=seqs[0] if i else None,
             ))
+        if resume is not None and resume[0]:
+            self._resume(seqs[0], *resume)
         if reserved is not None:  # start from the KV that prep_recv reserved and a peer filled
             first = seqs[0]
             first.block_ids = reserved.block_ids
@@ -98,6 +108,28 @@ class LLMEngine:
         for s in seqs:
             self.scheduler.add(s)
         return prompt_ids
+
+    def validate_resume(self, prompt_ids: list[int], params: SamplingParams, generated: list[int]) -> None:
+        if params.n != 1:
+            raise UserError("a resumed request continues one sequence (n must be 1)")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in generated):
+            raise UserError(f"generated token ids must lie in [0, {vocab})")
+        if params.max_tokens is not None and len(generated) >= params.max_tokens:
+            raise UserError(f"{len(generated)} tokens are already generated; max_tokens is {params.max_tokens}")
+        if len(prompt_ids) + len(generated) >= self.max_model_len:
+            raise UserError("the prompt plus the generated tokens fill the context window")
+
+    def _resume(self, req: Request, generated: list[int], text_len: int) -> None:
+        """Take `generated` as this sequence's first outputs; rebuild its text the same way
+        the first engine built it, so deltas continue exactly where the client stopped."""
+        for t in generated:
+            req.token_ids.append(t)
+            self._detokenize(req, skip_last=False)
+        req.emitted_token_len = len(generated)
+        req.emitted_text_len = min(text_len, len(req.text))
+        if req.params.logprobs is not None:  # placeholders: only later tokens' logprobs are sent
+            req.logprobs = [None] * len(generated)
 
     def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done, progress=None) -> None:
         """Compute KV for `prompt_ids` (reusing the prefix cache) and hold its blocks.

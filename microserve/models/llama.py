@@ -68,9 +68,16 @@ class KVCache:
             numel = 1
             for n in shape:
                 numel *= n
+            nbytes = numel * torch.tensor([], dtype=dtype).element_size()
             for name in ("k", "v"):
                 path = os.path.join(folder, f"{tag}-{name}")
                 self.paths[name] = path
+                # Owner-only: other local users must not read or write this engine's KV.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, nbytes)
+                finally:
+                    os.close(fd)
                 setattr(self, name, torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape))
         else:
             self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -17,16 +17,26 @@ log = logging.getLogger("microserve.router")
 class EngineError(Exception):
     """An engine answered with an error (status and OpenAI-style body kept)."""
 
-    def __init__(self, status: int, body: dict):
+    def __init__(self, status: int, body: dict, retry_after: str | None = None):
         self.status = status
         self.body = body
+        self.retry_after = retry_after
         super().__init__(body.get("error", {}).get("message", str(body)))
+
+
+class EngineDown(Exception):
+    """An engine could not be reached, or its stream broke off: it is taken out of rotation
+    until a status refresh succeeds again."""
+
+    def __init__(self, engine: "Engine", reason: str):
+        self.engine = engine
+        super().__init__(f"engine {engine.url} is unreachable: {reason}")
 
 
 class Engine:
     """One engine, as a strategy sees it."""
 
-    def __init__(self, url: str, role: str = "both"):
+    def __init__(self, url: str, role: str = "both", token: str | None = None):
         self.url = url.rstrip("/")
         self.role = role  # "both" | "prefill" | "decode"
         self.status: dict = {}
@@ -34,8 +44,10 @@ class Engine:
         self.block_size = 16
         self.cached: set[bytes] = set()  # block hashes in the engine's prefix cache
         self._next_event = 0
+        self._instance = None  # the engine process we indexed; a restart empties its cache
         self.inflight = 0  # requests this router has on the engine right now (exact, unlike status)
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600, connect=5),
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600, connect=5), headers=headers,
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     def __repr__(self) -> str:
@@ -61,10 +73,17 @@ class Engine:
 
     # ------------------------------------------------------------ the five calls
 
+    def _down(self, e: Exception) -> EngineDown:
+        self.healthy = False
+        return EngineDown(self, f"{type(e).__name__}: {e}")
+
     async def _post(self, path: str, body: dict) -> dict:
-        r = await self._client.post(path, json=body)
+        try:
+            r = await self._client.post(path, json=body)
+        except httpx.TransportError as e:
+            raise self._down(e) from None
         if r.status_code != 200:
-            raise EngineError(r.status_code, _json_or_text(r))
+            raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"))
         return r.json()
 
     async def prep_recv(self, request_id: str, prompt: list[int], end: int, lease_s: float = 60) -> dict:
@@ -83,10 +102,15 @@ class Engine:
             async with self._client.stream("POST", "/microserving/start_generate", json=body) as r:
                 if r.status_code != 200:
                     await r.aread()
-                    raise EngineError(r.status_code, _json_or_text(r))
+                    raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"))
                 async for line in r.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
+                    if line == "data: [DONE]":
+                        return
+                    if line.startswith("data: "):
                         yield json.loads(line[6:])
+            raise EngineDown(self, "the stream ended before [DONE]")
+        except httpx.TransportError as e:
+            raise self._down(e) from None
         finally:
             self.inflight -= 1
 
@@ -100,8 +124,11 @@ class Engine:
 
     async def refresh(self) -> None:
         try:
-            self.status = (await self._client.get("/microserving/status", timeout=5)).json()
+            self.status = (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
             self.block_size = self.status.get("fingerprint", {}).get("block_size", self.block_size)
+            if self.status.get("instance") != self._instance:  # a new process: its cache starts empty
+                self._instance = self.status.get("instance")
+                self.cached, self._next_event = set(), 0
             r = (await self._client.get("/microserving/kv_events", params={"since": self._next_event}, timeout=5)).json()
             if r["dropped"]:  # fell behind: take the full list
                 full = (await self._client.get("/microserving/prefix_hashes", timeout=5)).json()
@@ -110,7 +137,7 @@ class Engine:
                 for _, kind, h in r["events"]:
                     (self.cached.add if kind == "stored" else self.cached.discard)(bytes.fromhex(h))
             self._next_event = r["next"]
-            self.healthy = True
+            self.healthy = self.status.get("healthy", True)
         except (httpx.HTTPError, ValueError, KeyError):
             self.healthy = False
 
@@ -121,9 +148,10 @@ class Engine:
 class Cluster:
     """The engines a strategy may use; status and prefix index refreshed in the background."""
 
-    def __init__(self, urls: list[str], roles: list[str] | None = None, refresh_s: float = 0.25):
+    def __init__(self, urls: list[str], roles: list[str] | None = None, refresh_s: float = 0.25,
+                 token: str | None = None):
         roles = roles or ["both"] * len(urls)
-        self.engines = [Engine(u, r) for u, r in zip(urls, roles)]
+        self.engines = [Engine(u, r, token) for u, r in zip(urls, roles)]
         self.refresh_s = refresh_s
         self._rr = 0
         self._task: asyncio.Task | None = None
@@ -137,6 +165,11 @@ class Cluster:
     @property
     def healthy(self) -> list[Engine]:
         return [e for e in self.engines if e.healthy] or list(self.engines)
+
+    @property
+    def up(self) -> list[Engine]:
+        """Engines whose last status refresh succeeded (may be empty, unlike `healthy`)."""
+        return [e for e in self.engines if e.healthy]
 
     def with_role(self, role: str) -> list[Engine]:
         """Healthy engines that take `role` ("both" counts for either); all healthy ones if none do."""

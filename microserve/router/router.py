@@ -4,7 +4,6 @@ through the current strategy, which can be switched at run time through the admi
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -16,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from microserve.errors import UserError
 from microserve.router import strategies
-from microserve.router.cluster import Cluster, EngineError
+from microserve.router.cluster import Cluster, EngineDown, EngineError
+from microserve.router.failover import Admission, Busy, with_failover
 from microserve.server.metrics import LATENCY_BUCKETS
 from microserve.server.openai_api import (
     ModelNotFound,
@@ -29,20 +29,23 @@ from microserve.server.openai_api import (
     install_error_handlers,
 )
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from microserve.server.security import DEFAULT_MAX_BODY_BYTES, install_security
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens")
 
 
-class Unauthorized(Exception):
-    pass
-
-
 def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str = "round_robin",
-                     params: dict | None = None, admin_token: str | None = None) -> FastAPI:
+                     params: dict | None = None, cluster_token: str | None = None,
+                     api_keys: list[str] | None = None, max_active: int | None = None, max_queued: int = 4096,
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, failover_wait_s: float = 30.0) -> FastAPI:
     registry = CollectorRegistry()
     requests = Counter("microserve_router:requests", "Requests routed", ["strategy"], registry=registry)
     failures = Counter("microserve_router:request_errors", "Requests that failed", registry=registry)
+    failovers = Counter("microserve_router:failovers", "Requests continued on another engine", registry=registry)
+    rejected = Counter("microserve_router:rejected", "Requests refused with 429 (queue full)", registry=registry)
+    # Enough in flight to fill every engine's batch and queue; the rest waits here, bounded.
+    admission = Admission(max_active or 256 * len(cluster.engines), max_queued)
     ttft = Histogram("microserve_router:time_to_first_token_seconds", "Router-side TTFT",
                      buckets=LATENCY_BUCKETS, registry=registry)
     # (name, function, params): replaced as a whole, so each request keeps the one it started with.
@@ -56,15 +59,28 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
 
     app = FastAPI(title="microserve router", lifespan=lifespan)
     install_error_handlers(app)
+    install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes,
+                     cluster_paths=(), admin_paths=("/admin/",))
 
     @app.exception_handler(EngineError)
     async def _engine_error(request, exc: EngineError):
-        status = exc.status if 400 <= exc.status < 500 else 502
-        return JSONResponse(exc.body if "error" in exc.body else error_body(str(exc)), status_code=status)
+        if 400 <= exc.status < 500:  # the client's mistake, as the engine explained it
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+            body = exc.body if "error" in exc.body else error_body(str(exc))
+            return JSONResponse(body, status_code=exc.status, headers=headers)
+        # An engine failed: say so without passing on what it said (it may name internals).
+        return JSONResponse(error_body("an engine failed to serve this request", "engine_error"), status_code=502)
 
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(request, exc: Unauthorized):
-        return JSONResponse(error_body(str(exc), "authentication_error"), status_code=401)
+    @app.exception_handler(EngineDown)
+    async def _engine_down(request, exc: EngineDown):
+        return JSONResponse(error_body("no engine is available to serve this request", "engine_error"),
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Busy)
+    async def _busy(request, exc: Busy):
+        rejected.inc()
+        return JSONResponse(error_body(f"server busy: {exc}", "rate_limit_error"), status_code=429,
+                            headers={"Retry-After": "1"})
 
     # ------------------------------------------------------------ serving
 
@@ -74,7 +90,9 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
         requests.labels(strategy=name).inc()
         req = strategies.Request(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
         start = time.monotonic()
-        chunks = fn(req, cluster, **kwargs).__aiter__()
+        await admission.acquire()
+        chunks = admitted(with_failover(fn(req, cluster, **kwargs), req, cluster, wait_s=failover_wait_s,
+                                        on_failover=failovers.inc)).__aiter__()
         try:
             first = await chunks.__anext__()  # errors before any output become HTTP errors
         except StopAsyncIteration:
@@ -85,6 +103,14 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
             raise
         ttft.observe(time.monotonic() - start)
         return first, chunks
+
+    async def admitted(chunks):
+        """Hold an admission slot until the stream ends or is closed."""
+        try:
+            async for c in chunks:
+                yield c
+        finally:
+            admission.release()
 
     async def all_chunks(first, chunks):
         if first is not None:
@@ -237,20 +263,14 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
 
     # ------------------------------------------------------------ admin
 
-    def authorize(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        if not admin_token or not hmac.compare_digest(given, f"Bearer {admin_token}"):
-            raise Unauthorized("a valid admin token is required (Authorization: Bearer <token>)")
-
     @app.get("/admin/strategy")
-    async def get_strategy(request: Request):
-        authorize(request)
+    async def get_strategy():
+        # Every /admin/ route is behind the cluster token (see server/security.py).
         name, _, kwargs = state["current"]
         return {"name": name, "params": kwargs, "roles": [e.role for e in cluster.engines]}
 
     @app.post("/admin/strategy")
     async def set_strategy(request: Request):
-        authorize(request)
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:

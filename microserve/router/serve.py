@@ -15,6 +15,9 @@ import time
 import httpx
 
 
+RESTART_WINDOW_S = 300
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,13 +35,19 @@ def _die_with_parent() -> None:
 class Child:
     def __init__(self, name: str, args: list[str], env: dict | None = None):
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                     preexec_fn=_die_with_parent, text=True, bufsize=1)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.restarts: list[float] = []  # when it was restarted
+        self.start()
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:  # every log line, prefixed with who wrote it
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=_die_with_parent, text=True, bufsize=1)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+
+    def _pump(self, proc) -> None:
+        for line in proc.stdout:  # every log line, prefixed with who wrote it
             sys.stdout.write(f"[{self.name}] {line}")
             sys.stdout.flush()
 
@@ -74,7 +83,9 @@ def _wait_healthy(children: list[Child], urls: list[str], timeout: float = 600) 
 def serve(args) -> int:
     n = args.engines
     threads = max(1, (os.cpu_count() or 1) // n)
-    token = args.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN") or secrets.token_urlsafe(16)
+    token = (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN") or os.environ.get("MICROSERVE_ADMIN_TOKEN")
+             or secrets.token_urlsafe(16))
+    secret_env = {"MICROSERVE_CLUSTER_TOKEN": token}  # in the environment, not on command lines `ps` shows
     model = ["--model", args.model] if args.model else []
     name = args.served_model_name or _default_name(args.model)
     children: list[Child] = []
@@ -91,22 +102,34 @@ def serve(args) -> int:
         for i, port in enumerate(ports):
             children.append(Child(f"engine-{i}", ["engine", *model, "--port", str(port), "--threads", str(threads),
                                                   "--dtype", args.dtype, "--served-model-name", name,
-                                                  "--log-level", "warning"]))
+                                                  "--log-level", "warning"],
+                                  # engines' own /v1 is for the cluster too: user keys go through the router
+                                  env={**secret_env, "MICROSERVE_API_KEYS": token}))
         _wait_healthy(children, engine_urls)
         router_args = ["router", *model, "--port", str(args.port), "--host", args.host, "--strategy", args.strategy,
                        "--served-model-name", name, "--log-level", "warning"]
         for url in engine_urls:
             router_args += ["--engine", url]
-        router = Child("router", router_args, env={"MICROSERVE_ADMIN_TOKEN": token})
+        keys = ",".join(args.api_key or []) or os.environ.get("MICROSERVE_API_KEYS", "")
+        router = Child("router", router_args, env={**secret_env, "MICROSERVE_API_KEYS": keys})
         children.append(router)
         url = f"http://{args.host}:{args.port}"
         _wait_healthy([router], [url])
-        print(_banner(url, name, n, threads, args.strategy, token), flush=True)
+        print(_banner(url, name, n, threads, args.strategy, token, keys.split(",")[0] if keys else "none"),
+              flush=True)
         while not stopping.is_set():
             for c in children:
-                if c.proc.poll() is not None:
-                    print(f"[serve] {c.name} exited with code {c.proc.returncode}; stopping everything", flush=True)
+                if c.proc.poll() is None:
+                    continue
+                # A crash: start it again on the same port; the router takes it back once healthy.
+                now = time.monotonic()
+                c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(c.restarts) > args.max_restarts:
+                    print(f"[serve] {c.name} exited with code {c.proc.returncode} {len(c.restarts)} times in "
+                          f"{RESTART_WINDOW_S} s; stopping everything", flush=True)
                     return 1
+                print(f"[serve] {c.name} exited with code {c.proc.returncode}; restarting it", flush=True)
+                c.start()
             stopping.wait(0.5)
         return 0
     except RuntimeError as e:
@@ -125,17 +148,18 @@ def _default_name(model: str | None) -> str:
     return served_model_name(model)
 
 
-def _banner(url: str, name: str, n: int, threads: int, strategy: str, token: str) -> str:
+def _banner(url: str, name: str, n: int, threads: int, strategy: str, token: str, api_key: str) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key != "none" else ""
     return f"""
 microserve is up: {n} engines ({threads} thread{"s" if threads != 1 else ""} each) behind a router using `{strategy}`.
 
   {url}/v1   (OpenAI-compatible; metrics at {url}/metrics)
 
-  curl {url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl {url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
   from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="none")
+  client = OpenAI(base_url="{url}/v1", api_key="{api_key}")
   print(client.chat.completions.create(model="{name}",
         messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
 

@@ -3,11 +3,14 @@ yields the engine's output chunks; each one here uses only the public Cluster/En
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from microserve.router.cluster import Cluster, Engine
+from microserve.router.cluster import Cluster, Engine, EngineDown, EngineError
+
+log = logging.getLogger("microserve.router")
 
 
 @dataclass
@@ -24,12 +27,22 @@ async def generate_on(engine: Engine, req: Request) -> AsyncIterator[dict]:
 
 
 async def split(req: Request, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[dict]:
-    """Positions [0, end) prefilled on `prefill` and moved to `decode`, which does the rest."""
+    """Positions [0, end) prefilled on `prefill` and moved to `decode`, which does the rest.
+    If the transfer breaks (the prefill engine dies, the link fails), `decode` prefills itself."""
     recv = await decode.prep_recv(req.request_id, req.prompt, end)
     matched = recv["prefix_matched_length"]
+    begin = end
     if matched < end:
-        await prefill.remote_send(req.request_id, req.prompt, matched, end, recv["kv_addr_info"])
-    async for chunk in decode.start_generate(req.request_id, req.prompt, end, req.sampling):
+        try:
+            await prefill.remote_send(req.request_id, req.prompt, matched, end, recv["kv_addr_info"])
+        except (EngineDown, EngineError) as e:
+            if isinstance(e, EngineError) and e.status < 500:
+                await decode.abort(req.request_id)
+                raise
+            log.warning("KV transfer for %s failed (%s); prefilling on %s instead", req.request_id, e, decode.url)
+            await decode.abort(req.request_id)  # frees the reservation; the id is free again
+            begin = 0
+    async for chunk in decode.start_generate(req.request_id, req.prompt, begin, req.sampling):
         yield chunk
 
 

@@ -10,7 +10,9 @@ import uvicorn
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.models.loader import BUILTIN_MODEL_NAME
+from microserve.errors import UserError
 from microserve.server.openai_api import build_app
+from microserve.server.security import DEFAULT_MAX_BODY_BYTES, is_loopback
 
 
 def served_model_name(model_path: str | None) -> str:
@@ -20,13 +22,31 @@ def served_model_name(model_path: str | None) -> str:
     return p.stem if p.suffix == ".gguf" else p.name
 
 
+def raise_open_file_limit() -> None:
+    """Each client connection is a file descriptor: allow as many as the system lets us."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
                       model_name: str | None = None, max_waiting: int = 256, log_level: str = "info",
-                      kv_transport: str = "shm") -> None:
+                      kv_transport: str = "shm", api_keys: list[str] | None = None,
+                      cluster_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not is_loopback(host) and not cluster_token:
+        raise UserError(f"binding to {host} without --cluster-token would let anyone on the network read and "
+                        "write this engine's KV cache: give a cluster token")
+    raise_open_file_limit()
     engine = LLMEngine(cfg)
     name = model_name or served_model_name(cfg.model)
-    app = build_app(engine, name, max_waiting=max_waiting, host=host, kv_transport=kv_transport)
+    app = build_app(engine, name, max_waiting=max_waiting, host=host, kv_transport=kv_transport,
+                    api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes)
     logging.getLogger("microserve").info("serving %s on http://%s:%d (KV blocks: %d of %d tokens)",
                                          name, host, port, engine.pool.num_blocks, cfg.block_size)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,

@@ -38,7 +38,7 @@ class AsyncEngine:
         self.observer = observer  # gets on_output(request_id, output, arrival) in the loop thread
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._adds: list[tuple] = []  # (request id, prompt ids, params, resume)
         self._aborts: list[str] = []
         self._calls: list[tuple] = []  # (fn, loop, future): run in the loop thread between steps
         self._streams: dict[str, _Stream] = {}
@@ -62,7 +62,8 @@ class AsyncEngine:
         with self._lock:
             return len(self.engine.scheduler.waiting) + len(self._adds)
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 resume: tuple[list[int], int] | None = None) -> AsyncIterator[RequestOutput]:
         """Admit the request now (raising UserError or QueueFull), then iterate its outputs.
 
         Closing the iterator before the request finishes aborts it and frees its KV.
@@ -70,6 +71,8 @@ class AsyncEngine:
         if self.error is not None:
             raise RuntimeError(f"the engine loop has stopped: {self.error}")
         self.engine.validate(prompt_ids, params)
+        if resume is not None:
+            self.engine.validate_resume(prompt_ids, params, resume[0])
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._lock:
             if len(self.engine.scheduler.waiting) + len(self._adds) >= self.max_waiting:
@@ -77,7 +80,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise UserError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._adds.append((request_id, prompt_ids, params))
+            self._adds.append((request_id, prompt_ids, params, resume))
         self._wake.set()
         return self._outputs(request_id, stream)
 
@@ -141,9 +144,9 @@ class AsyncEngine:
                 result, error = None, e
             loop.call_soon_threadsafe(_settle, future, result, error)
         self.engine.microserving.expire()
-        for request_id, prompt_ids, params in adds:
+        for request_id, prompt_ids, params, resume in adds:
             try:
-                self.engine.add_request(request_id, prompt_ids, params)
+                self.engine.add_request(request_id, prompt_ids, params, resume)
             except UserError as e:
                 self._fail(request_id, e)
         for request_id in aborts:

@@ -29,7 +29,7 @@ class PrepRecv(BaseModel):
     request_id: str = Field(min_length=1)
     prompt: list[int] = Field(min_length=1)
     end: int
-    lease_s: float = 60.0
+    lease_s: float = Field(60.0, gt=0, le=3600)  # bounded: a lost router must not pin KV for long
 
 
 class RemoteSend(BaseModel):
@@ -48,6 +48,10 @@ class StartGenerate(_SamplingFields):
     begin: int = Field(0, ge=0)
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    # Fail-over: the output tokens another engine already produced, and how many characters of
+    # their text the client has; generation continues after them without repeating any.
+    generated: list[int] = Field(default_factory=list)
+    generated_text_len: int = Field(0, ge=0)
 
 
 class Abort(BaseModel):
@@ -64,6 +68,7 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
     dtype = str(engine.loaded.dtype).removeprefix("torch.")
     fingerprint = layout_fingerprint(cfg.name, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, kv.block_size)
     receiver = KVReceiver(kv, fingerprint, engine.microserving, host=host)
+    instance = uuid.uuid4().hex  # changes when the engine restarts: routers then drop what they knew
     shm = {"k": kv.paths["k"], "v": kv.paths["v"], "num_slots": kv.num_slots} if kv.paths else None
 
     @app.post("/microserving/prep_recv")
@@ -117,7 +122,10 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         params = req.sampling_params(req.max_tokens, req.logprobs)
         if req.max_tokens is None:
             params.max_tokens = max(1, engine.max_model_len - len(req.prompt))
-        gen = aengine.generate(req.request_id, req.prompt, params)
+        if req.generated and req.begin:
+            raise UserError("`generated` (resume) cannot be combined with begin > 0")
+        resume = (req.generated, req.generated_text_len) if req.generated else None
+        gen = aengine.generate(req.request_id, req.prompt, params, resume)
         head = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or cfg.name}
 
@@ -156,7 +164,9 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
 
     @app.get("/microserving/status")
     async def status():
-        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint,
+        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint, "instance": instance,
+                "healthy": aengine.healthy,
+                "max_model_len": engine.max_model_len,
                 "kv_transfer": {"host": receiver.host, "port": receiver.port, "shm": shm is not None}}
 
     @app.post("/microserving/prefix_match")

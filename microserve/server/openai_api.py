@@ -23,7 +23,8 @@ from microserve.server.async_engine import AsyncEngine, QueueFull
 from microserve.engine.microserving import Conflict, NotFound
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import TransferFailed, add_microserving_routes
-from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from microserve.server.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, error_body
+from microserve.server.security import DEFAULT_MAX_BODY_BYTES, install_security
 
 log = logging.getLogger("microserve.server")
 
@@ -33,7 +34,8 @@ class ModelNotFound(Exception):
 
 
 def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: str = "127.0.0.1",
-              kv_transport: str = "shm") -> FastAPI:
+              kv_transport: str = "shm", api_keys: list[str] | None = None, cluster_token: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     metrics = EngineMetrics(engine)
     aengine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics)
     tokenizer = engine.tokenizer
@@ -53,6 +55,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
     receiver = add_microserving_routes(app, engine, aengine, host, kv_transport)
 
     install_error_handlers(app)
+    install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes)
 
     # ------------------------------------------------------------ small routes
 
@@ -291,6 +294,8 @@ def _as_prompt_list(prompt) -> list:
         raise UserError("prompt is empty")
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
+    if len(prompt) > MAX_PROMPTS:
+        raise UserError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
     return list(prompt)
 
 
