@@ -191,9 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
     s.set_defaults(func=cmd_serve)
 
-    import importlib.util  # TEMP until bench lands
-    if importlib.util.find_spec("microserve.bench.cli") is None:
-        return parser
     from microserve.bench import cli as bench_cli
 
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, JCT, goodput")

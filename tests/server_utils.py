@@ -33,10 +33,11 @@ def wait_healthy(url: str, timeout: float = 180) -> None:
 class ServerProcess:
     """`python -m microserve.cli <args> --port N`, waited on until /health answers, stopped on exit."""
 
-    def __init__(self, args: list[str], timeout: float = 120):
-        self.port = free_port()
+    def __init__(self, args: list[str], timeout: float = 120, port: int | None = None, env: dict | None = None):
+        self.args = args
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MICROSERVE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "MICROSERVE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.log = open(os.devnull, "w") if not os.environ.get("MICROSERVE_TEST_LOGS") else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "microserve.cli", *args, "--port", str(self.port)],
