@@ -44,7 +44,8 @@ def _bearer_matches(header: str, secrets: list[str]) -> bool:
 
 
 class Security:
-    """Pure ASGI middleware: checks keys and body size before the app sees the request."""
+    """Pure ASGI middleware: checks keys and body size before the app sees the request
+    (a body too large gets 413 without being read)."""
 
     def __init__(self, app, api_keys: list[str] | None = None, cluster_token: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cluster_paths: tuple[str, ...] = ("/microserving/",),
@@ -76,29 +77,34 @@ class Security:
                 return await _reply(send, 401, error_body("Incorrect API key provided.", "authentication_error",
                                                           code="invalid_api_key"))
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _reply(send, 413, _too_large(self.max_body_bytes))
-        return await self.app(scope, self._limited(receive, send), send)
-
-    def _limited(self, receive, send):
-        """Count body bytes as they arrive (chunked uploads have no Content-Length)."""
-        seen = 0
-        limit = self.max_body_bytes
-
-        async def wrapped():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_body_bytes:
+                return await _reply(send, 413, _too_large(self.max_body_bytes))
+            return await self.app(scope, receive, send)
+        # A chunked upload has no length up front: read it here, within the limit, then replay it.
+        body, more = b"", True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await _reply(send, 413, _too_large(self.max_body_bytes))
+        return await self.app(scope, _replay(body, receive), send)
 
-        return wrapped
 
+def _replay(body: bytes, receive):
+    sent = False
 
-class BodyTooLarge(Exception):
-    """Raised while reading a chunked body past the limit; the app answers 413."""
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later reads wait for the disconnect, as usual
+
+    return replayed
 
 
 def _too_large(limit: int) -> dict:
@@ -115,13 +121,4 @@ async def _reply(send, status: int, body: dict) -> None:
 
 
 def install_security(app, **kwargs) -> None:
-    """Wrap a FastAPI app; a body that grows past the limit while streaming in gets 413."""
-    from fastapi.responses import JSONResponse
-
-    limit = kwargs.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _large(request, exc):
-        return JSONResponse(_too_large(limit), status_code=413)
-
     app.add_middleware(Security, **kwargs)
