@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 
 from microserve.errors import UserError
+
+
+# Where engines put their shared KV pools (the shm transport).
+KV_POOL_FOLDER = os.path.realpath("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
 def layout_fingerprint(model_name: str, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -39,10 +45,22 @@ class KVAddress:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVAddress":
+        """Checked field by field: it comes over the network, and says where to write."""
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            addr = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
         except TypeError as e:
             raise UserError(f"kv_addr_info is incomplete: {e}") from None
+        block_ids = addr.block_ids if isinstance(addr.block_ids, list) else [None]
+        ints = [addr.port, addr.begin, addr.end, addr.offset, *block_ids]
+        if not all(type(v) is int and v >= 0 for v in ints) or not 0 < addr.port < 65536:
+            raise UserError("kv_addr_info: port, begin, end, offset and block_ids must be non-negative integers")
+        if not all(isinstance(v, str) for v in (addr.request_id, addr.host, addr.token, addr.transport)):
+            raise UserError("kv_addr_info: request_id, host, token and transport must be strings")
+        if not isinstance(addr.fingerprint, dict):
+            raise UserError("kv_addr_info: fingerprint must be an object")
+        if addr.shm is not None and not _is_kv_pool(addr.shm):
+            raise UserError("kv_addr_info: shm must name a microserve KV pool in shared memory")
+        return addr
 
     def dst_slots(self, begin: int, end: int, block_size: int) -> list[int]:
         """The receiver's cache slots for positions [begin, end)."""
@@ -51,6 +69,21 @@ class KVAddress:
             raise UserError(f"positions [{begin}, {end}) are outside the reserved [{self.begin}, {self.end})")
         return [self.block_ids[(p - base) // block_size] * block_size + (p - base) % block_size
                 for p in range(begin, end)]
+
+
+def _is_kv_pool(shm) -> bool:
+    """Only files an engine created as its KV pool may be written through shared memory, so a
+    forged address cannot make a sender write KV bytes over some other file."""
+    if not isinstance(shm, dict) or type(shm.get("num_slots")) is not int:
+        return False
+    for name in ("k", "v"):
+        path = shm.get(name)
+        if not isinstance(path, str):
+            return False
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != KV_POOL_FOLDER or not os.path.basename(real).startswith("microserve-kv-"):
+            return False
+    return True
 
 
 @dataclass

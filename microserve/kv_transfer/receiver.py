@@ -20,6 +20,9 @@ from microserve.kv_transfer.wire import TransferError, read_json, read_tensor_in
 log = logging.getLogger("microserve.kv")
 
 
+IDLE_TIMEOUT_S = 120  # longest wait for one read (the sender may be computing a layer)
+
+
 class KVReceiver:
     def __init__(self, kv, fingerprint: dict, registry, host: str = "127.0.0.1", port: int = 0):
         """`registry.open_transfer(request_id, token, begin, end) -> dst slot list` (raises UserError)
@@ -51,6 +54,7 @@ class KVReceiver:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(IDLE_TIMEOUT_S)  # a peer that goes quiet cannot hold a thread forever
         with conn, conn.makefile("rb") as stream:
             request_id, opened, ok, end = None, False, False, 0
             try:

@@ -16,11 +16,19 @@ def send_json(sock: socket.socket, obj: dict) -> None:
     sock.sendall(json.dumps(obj).encode() + b"\n")
 
 
+MAX_CONTROL_BYTES = 1 << 20  # a control line is small; anything longer is not a peer of ours
+
+
 def read_json(stream) -> dict:
-    line = stream.readline()
+    line = stream.readline(MAX_CONTROL_BYTES + 1)
     if not line:
         raise TransferError("the peer closed the connection")
-    return json.loads(line)
+    if len(line) > MAX_CONTROL_BYTES or not line.endswith(b"\n"):
+        raise TransferError("control message too long")
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise TransferError("control message is not an object")
+    return obj
 
 
 def send_tensor(sock: socket.socket, t: torch.Tensor) -> int:

@@ -62,7 +62,8 @@ class KVCache:
             import os
             import uuid
 
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+            from microserve.kv_transfer.address import KV_POOL_FOLDER as folder
+
             _remove_stale_pools(folder)
             tag = f"microserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             numel = 1

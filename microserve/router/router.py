@@ -4,13 +4,15 @@ through the current strategy, which can be switched at run time through the admi
 from __future__ import annotations
 
 import asyncio
-import json
+import inspect
 import time
 import uuid
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from microserve.errors import UserError
@@ -270,15 +272,11 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
         return {"name": name, "params": kwargs, "roles": [e.role for e in cluster.engines]}
 
     @app.post("/admin/strategy")
-    async def set_strategy(request: Request):
+    async def set_strategy(body: StrategyChange):
         try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise UserError("the request body is not valid JSON") from None
-        try:
-            new = _resolve(body.get("name"), body.get("source"), body.get("params") or {})
-            if body.get("roles") is not None:
-                cluster.set_roles(body["roles"])
+            new = _resolve(body.name, body.source, body.params)
+            if body.roles is not None:
+                cluster.set_roles(body.roles)
         except (ValueError, SyntaxError, TypeError) as e:
             raise UserError(f"cannot use this strategy: {e}") from None
         state["current"] = new  # requests already running keep the strategy they started with
@@ -287,16 +285,32 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
     return app
 
 
+class StrategyChange(BaseModel):
+    """Body of POST /admin/strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    source: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    roles: list[str] | None = None
+
+
 def _resolve(name: str | None, source: str | None, params: dict):
     """(name, async generator function, params) for a built-in name, a .py path, or source text."""
     if source:
         fn = strategies.load_strategy_source(source)
-        return name or getattr(fn, "__name__", "custom"), fn, params
-    if not name:
+        name = name or getattr(fn, "__name__", "custom")
+    elif not name:
         raise ValueError("give a strategy `name` or its `source`")
-    if name in strategies.BUILTIN:
-        return name, strategies.BUILTIN[name], params
-    if name.endswith(".py"):
-        return name, strategies.load_strategy_file(name), params
-    raise ValueError(f"unknown strategy {name!r} (built in: {', '.join(strategies.BUILTIN)})")
+    elif name in strategies.BUILTIN:
+        fn = strategies.BUILTIN[name]
+    elif name.endswith(".py"):
+        fn = strategies.load_strategy_file(name)
+    else:
+        raise ValueError(f"unknown strategy {name!r} (built in: {', '.join(strategies.BUILTIN)})")
+    try:  # unknown parameter names are refused now, not on every request later
+        inspect.signature(fn).bind(None, None, **params)
+    except TypeError as e:
+        raise ValueError(f"parameters {sorted(params)} do not fit {name}: {e}") from None
+    return name, fn, params
 
