@@ -108,6 +108,23 @@ def test_strategy_specs():
         parse_strategy("disagg:fraction")
 
 
+def test_report_merges_repeated_points_and_tabulates():
+    from microserve.bench.report import merge, table
+
+    def point(label, rate, jct):
+        summary = summarize([rec(0.0, 100, 20, jct, 10)])
+        return {"label": label, "rate": rate, "summary": summary}
+
+    first = {"points": [point("round_robin", 1, 900), point("round_robin", 2, 1000), point("disagg", 1, 800)]}
+    repeat = {"points": [point("round_robin", 1, 700)]}
+    merged = merge([first, repeat])
+    assert [(p["label"], p["rate"], p["summary"]["jct_ms"]["mean"]) for p in merged] == [
+        ("round_robin", 1, 700), ("round_robin", 2, 1000), ("disagg", 1, 800)]
+    rows = table(merged).splitlines()
+    assert rows[0].startswith("| strategy | rate | JCT mean | JCT P99 |") and len(rows) == 5
+    assert rows[2] == "| round_robin | 1 | 700 | 700 | 100 | 100 | 20 | 20 | 1.43 | 1.43 | 1/1 |"  # 1 / 0.7 s
+
+
 # ---------------------------------------------------------------- workloads
 
 

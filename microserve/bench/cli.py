@@ -191,10 +191,11 @@ async def _run(args, plan: dict) -> None:
                     else:
                         arrivals = workloads.arrival_times(len(sessions), rate, args.seed)
                     label = strategy["label"] if strategy else "server"
+                    began = time.strftime("%H:%M:%S")
                     records = await bench_client.run_load(sessions, ep, arrivals, args.concurrency,
                                                           desc=f"{label} @ {rate:g}/s", progress=args.progress)
                     summary = metrics.summarize(records, plan["slo"])
-                    point = {"label": label, "strategy": strategy, "rate": rate, "tag": tag.strip(),
+                    point = {"label": label, "strategy": strategy, "rate": rate, "tag": tag.strip(), "began": began,
                              "summary": summary, "requests": records}
                     result["points"].append(point)
                     print(_line(point), flush=True)
