@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from microserve.router.cluster import Cluster, Engine, EngineDown, EngineError
+from microserve.server.openai_api import _merge
 
 log = logging.getLogger("microserve.router")
 
@@ -109,8 +110,6 @@ async def _pick(cluster: Cluster, avoid: set[Engine], wait_s: float) -> Engine |
 
 
 async def _resume(req, seqs: list[_Sequence], engine: Engine, attempt: int) -> AsyncIterator[dict]:
-    from microserve.server.openai_api import _merge
-
     if not any(s.ids or s.finished for s in seqs):  # nothing out yet: simply start over there
         async for chunk in engine.start_generate(f"{req.request_id}-r{attempt}", req.prompt, 0, req.sampling):
             yield chunk
