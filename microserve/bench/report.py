@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("files", nargs="+", help="bench results; later files' points replace earlier ones'")
     ap.add_argument("--plot", default=None, metavar="PREFIX", help="also draw PREFIX_<metric>.png from the merge")
     ap.add_argument("--title", default="")
+    ap.add_argument("--save", default=None, metavar="JSON", help="write the merged points, without per-request records")
     args = ap.parse_args(argv)
     results = []
     for path in args.files:
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
             results.append(json.load(f))
     points = merge(results)
     print(table(points))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump([{k: v for k, v in p.items() if k != "requests"} for p in points], f, indent=1)
     if args.plot:
         from microserve.bench.plots import draw
 
