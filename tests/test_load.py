@@ -113,3 +113,28 @@ def test_router_holds_thousands_of_connections(servers):
     assert all(r.json()["usage"]["completion_tokens"] == 2 for r in replies)
     print(f"\n{n} concurrent connections through the router: all served in {seconds:.1f} s")
     wait_idle(e1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kv_cache_larger_than_memory_is_refused_up_front(shared):
+    """A KV cache the host cannot hold is a clear error at start, not an OOM kill (or a
+    SIGBUS on a full /dev/shm) in the middle of serving; nothing is left behind."""
+    import glob
+    import os
+    import types
+
+    import torch
+
+    from microserve.errors import UserError
+    from microserve.kv_transfer.address import KV_POOL_FOLDER
+    from microserve.models.llama import KVCache
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("needs Linux /proc/meminfo")
+    cfg = types.SimpleNamespace(num_layers=4, num_kv_heads=2, head_dim=64)
+    per_block = KVCache.bytes_per_block(cfg, 16, torch.float32)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    before = set(glob.glob(os.path.join(KV_POOL_FOLDER, f"microserve-kv-{os.getpid()}-*")))
+    with pytest.raises(UserError, match="lower --kv-cache-memory"):
+        KVCache(cfg, 2 * total // per_block, 16, torch.float32, "cpu", shared=shared)
+    assert set(glob.glob(os.path.join(KV_POOL_FOLDER, f"microserve-kv-{os.getpid()}-*"))) == before

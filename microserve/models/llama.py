@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microserve.config import ModelConfig
+from microserve.errors import UserError
 
 
 @dataclass
@@ -58,28 +59,43 @@ class KVCache:
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.paths: dict[str, str] = {}
-        if shared and torch.device(device).type == "cpu":
+        numel = math.prod(shape)
+        nbytes = numel * torch.tensor([], dtype=dtype).element_size()  # each of k and v
+        on_cpu = torch.device(device).type == "cpu"
+        if on_cpu:
+            _check_host_memory(2 * nbytes)
+        if shared and on_cpu:
             import os
             import uuid
 
             from microserve.kv_transfer.address import KV_POOL_FOLDER as folder
 
             _remove_stale_pools(folder)
+            stat = os.statvfs(folder)
+            if stat.f_bavail * stat.f_frsize < 2 * nbytes:
+                raise UserError(f"the KV cache needs {2 * nbytes >> 20} MiB in {folder}, which has "
+                                f"{stat.f_bavail * stat.f_frsize >> 20} MiB free; lower --kv-cache-memory")
             tag = f"microserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            numel = 1
-            for n in shape:
-                numel *= n
-            nbytes = numel * torch.tensor([], dtype=dtype).element_size()
             for name in ("k", "v"):
                 path = os.path.join(folder, f"{tag}-{name}")
                 self.paths[name] = path
                 # Owner-only: other local users must not read or write this engine's KV.
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    os.ftruncate(fd, nbytes)
+                    # Reserve the pages now: a full /dev/shm then fails here with ENOSPC
+                    # instead of killing the engine with SIGBUS on some later write.
+                    os.posix_fallocate(fd, 0, nbytes)
+                except OSError as e:
+                    self.close()
+                    raise UserError(f"cannot reserve {nbytes >> 20} MiB for the KV cache in {folder} ({e}); "
+                                    "lower --kv-cache-memory") from e
                 finally:
                     os.close(fd)
-                setattr(self, name, torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape))
+                pool = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+                # Touch every page up front, as torch.zeros does for a private pool: the
+                # engine's memory is then fixed at start, not creeping up as blocks are used.
+                pool.zero_()
+                setattr(self, name, pool)
         else:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -98,6 +114,20 @@ class KVCache:
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def _check_host_memory(nbytes: int) -> None:
+    """Refuse a KV cache larger than the memory the host has available (Linux), with a
+    clear error, rather than being killed by the OOM killer while filling it."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return
+    if nbytes > available:
+        raise UserError(f"the KV cache needs {nbytes >> 20} MiB but the host has {available >> 20} MiB "
+                        "available; lower --kv-cache-memory")
 
 
 def _remove_stale_pools(folder: str) -> None:
