@@ -88,3 +88,27 @@ def test_gguf_config_and_tokenizer(builtin_gguf):
     assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert "<|im_start|>" in loaded.tokenizer.chat_template
+
+
+def test_packed_linear_pads_rows_to_few_shapes():
+    """Packed GEMMs run on rounded row counts (few oneDNN kernels, bounded memory); the
+    padding must not change the rows that are real."""
+    from microserve.models.llama import PackedLinear, can_pack_linears, padded_rows
+
+    assert [padded_rows(n) for n in (1, 7, 16, 17, 32, 33, 500, 512, 513, 700)] == [
+        1, 7, 16, 32, 32, 48, 512, 512, 640, 768]
+    assert len({padded_rows(n) for n in range(1, 4097)}) < 80
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    b = torch.randn(96).to(torch.bfloat16)
+    if not can_pack_linears(w):
+        pytest.skip("oneDNN packing needs a CPU build of torch with mkldnn")
+    lin = PackedLinear(w, b)
+    for n in (1, 17, 45, 530):
+        x = torch.randn(n, 64).to(torch.bfloat16)
+        y = lin(x)
+        assert y.shape == (n, 96)
+        ref = x.float() @ w.float().T + b.float()
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+        # each row is the same whether it ran alone or padded among others
+        torch.testing.assert_close(y[:1], lin(x[:1]), rtol=0, atol=0)

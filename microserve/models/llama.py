@@ -185,6 +185,21 @@ def can_pack_linears(weight: torch.Tensor) -> bool:
     )
 
 
+def padded_rows(n: int) -> int:
+    """The row count a packed GEMM runs with for `n` tokens: exact up to 16 (decode
+    batches), then rounded up to a multiple of 16, and of 128 past 512.
+
+    oneDNN builds and caches a kernel for every distinct shape it sees (up to 1024 of
+    them), so a token count that varies step by step would grow the engine's memory by
+    hundreds of MB over a long run. Rounding keeps it to ~75 shapes per weight up to 4096
+    tokens; the padded rows cost little because small GEMMs are bound by reading W.
+    """
+    if n <= 16:
+        return n
+    step = 16 if n <= 512 else 128
+    return -(-n // step) * step
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W reordered once into oneDNN's blocked layout (CPU, bf16)."""
 
@@ -195,7 +210,12 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        n = x.shape[0]
+        rows = padded_rows(n) if x.dim() == 2 else n
+        if rows != n:
+            x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return y[:n] if rows != n else y
 
 
 class DecoderLayer(nn.Module):
