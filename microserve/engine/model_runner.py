@@ -36,6 +36,7 @@ class ModelRunner:
         self.kv = KVCache(loaded.config, num_blocks, cfg.block_size, loaded.dtype, loaded.device,
                           shared=cfg.kv_shared)
         self.sampler = Sampler(cfg.seed)
+        self.model.warm_up_packed_linears(max(cfg.max_num_batched_tokens, cfg.max_num_seqs), cfg.max_num_seqs)
 
     @property
     def num_blocks(self) -> int:

@@ -205,7 +205,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else bias.detach().clone()
 
@@ -368,6 +368,24 @@ class LlamaForCausalLM(nn.Module):
                 setattr(layer, name, PackedLinear(getattr(layer, name).weight, getattr(layer, name).bias))
         self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
         return True
+
+    @torch.inference_mode()
+    def warm_up_packed_linears(self, max_tokens: int, max_seqs: int) -> None:
+        """Run every packed GEMM once at each row count a step can give it.
+
+        oneDNN builds a kernel per shape on first use (a few ms, plus memory it keeps);
+        doing it here makes the engine's memory flat from the start and spares the first
+        requests of each new batch size that stall. Kernels are shared by all layers, so
+        layer 0's weights stand in for every layer.
+        """
+        if self.packed_lm_head is None or not self.layers:
+            return
+        layer = self.layers[0]
+        for lin, limit in [(layer.qkv_proj, max_tokens), (layer.o_proj, max_tokens), (layer.gate_up_proj, max_tokens),
+                           (layer.down_proj, max_tokens), (self.packed_lm_head, max_seqs)]:
+            x = torch.zeros(padded_rows(limit), lin.in_features, dtype=torch.bfloat16)
+            for rows in sorted({padded_rows(n) for n in range(1, limit + 1)}):
+                lin(x[:rows])
 
     def load_hf_weights(self, weights):
         """Take (name, tensor) pairs named as in HF checkpoints; fuse q/k/v and gate/up on the way."""
