@@ -212,10 +212,10 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         rows = padded_rows(n) if x.dim() == 2 else n
-        if rows != n:
-            x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return y[:n] if rows != n else y
+        if rows == n:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:n]
 
 
 class DecoderLayer(nn.Module):
