@@ -173,3 +173,26 @@ def test_broken_kv_transfer_falls_back_to_local_prefill(cluster):
     assert text == direct["choices"][0]["text"]
     status = httpx.get(e0.url + "/microserving/status").json()
     assert status["reservations"] == 0 and status["running"] == 0
+
+
+def test_abort_then_new_request_under_the_same_id(tiny_engine_loaded):
+    """A router aborts a reservation and at once starts the request under the same id (the
+    fall-back above): the queued abort must land before the new request, not end it."""
+    from conftest import make_engine
+    from microserve.sampling import SamplingParams
+    from microserve.server.async_engine import AsyncEngine
+
+    aengine = AsyncEngine(make_engine(tiny_engine_loaded))
+
+    async def run():
+        aengine.abort("same-id")  # both are queued before the loop thread runs
+        gen = aengine.generate("same-id", list(range(3, 20)), SamplingParams(max_tokens=5, temperature=0))
+        aengine.start()
+        outs = [out async for out in gen]
+        return outs[-1]
+
+    try:
+        last = asyncio.run(run())
+    finally:
+        aengine.shutdown()
+    assert last.finished and len(last.outputs[0].token_ids) == 5

@@ -38,8 +38,10 @@ class AsyncEngine:
         self.observer = observer  # gets on_output(request_id, output, arrival) in the loop thread
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: list[tuple] = []  # (request id, prompt ids, params, resume)
-        self._aborts: list[str] = []
+        # Adds and aborts, applied in the order they came: an abort followed by a new
+        # request under the same id (a router reusing it) must not end the new one.
+        self._pending: list[tuple] = []  # ("add", id, prompt ids, params, resume) | ("abort", id, stream)
+        self._num_adds = 0  # adds in _pending
         self._calls: list[tuple] = []  # (fn, loop, future): run in the loop thread between steps
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
@@ -60,7 +62,7 @@ class AsyncEngine:
 
     def num_waiting(self) -> int:
         with self._lock:
-            return len(self.engine.scheduler.waiting) + len(self._adds)
+            return len(self.engine.scheduler.waiting) + self._num_adds
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  resume: tuple[list[int], int] | None = None) -> AsyncIterator[RequestOutput]:
@@ -75,12 +77,13 @@ class AsyncEngine:
             self.engine.validate_resume(prompt_ids, params, resume[0])
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._lock:
-            if len(self.engine.scheduler.waiting) + len(self._adds) >= self.max_waiting:
+            if len(self.engine.scheduler.waiting) + self._num_adds >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
             if request_id in self._streams:
                 raise UserError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._adds.append((request_id, prompt_ids, params, resume))
+            self._pending.append(("add", request_id, prompt_ids, params, resume))
+            self._num_adds += 1
         self._wake.set()
         return self._outputs(request_id, stream)
 
@@ -110,7 +113,8 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self._aborts.append(request_id)
+            # The stream the abort is meant for: a newer one under the same id is not ended.
+            self._pending.append(("abort", request_id, self._streams.get(request_id)))
         self._wake.set()
 
     # ------------------------------------------------------------ the loop thread
@@ -134,8 +138,7 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         with self._lock:
-            adds, self._adds = self._adds, []
-            aborts, self._aborts = self._aborts, []
+            pending, self._pending, self._num_adds = self._pending, [], 0
             calls, self._calls = self._calls, []
         for fn, loop, future in calls:
             try:
@@ -144,15 +147,17 @@ class AsyncEngine:
                 result, error = None, e
             loop.call_soon_threadsafe(_settle, future, result, error)
         self.engine.microserving.expire()
-        for request_id, prompt_ids, params, resume in adds:
-            try:
-                self.engine.add_request(request_id, prompt_ids, params, resume)
-            except UserError as e:
-                self._fail(request_id, e)
-        for request_id in aborts:
-            self.engine.abort_request(request_id)
-            # A consumer still waiting (aborted from elsewhere, e.g. by a router) must hear of it.
-            self._fail(request_id, Conflict(f"request {request_id!r} was aborted"))
+        for kind, request_id, *args in pending:
+            if kind == "add":
+                try:
+                    self.engine.add_request(request_id, *args)
+                except UserError as e:
+                    self._fail(request_id, e)
+            else:
+                self.engine.abort_request(request_id)
+                # A consumer still waiting (aborted from elsewhere, e.g. by a router) must hear of it.
+                if args[0] is not None:
+                    self._fail(request_id, Conflict(f"request {request_id!r} was aborted"), only=args[0])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not per request."""
@@ -171,11 +176,14 @@ class AsyncEngine:
                     self.observer.on_output(out, stream.arrival)
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _fail(self, request_id: str, error: BaseException) -> None:
+    def _fail(self, request_id: str, error: BaseException, only: _Stream | None = None) -> None:
+        """End `request_id`'s stream with `error` (if `only` is given: only if it is that stream)."""
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            stream = self._streams.get(request_id)
+            if stream is None or (only is not None and stream is not only):
+                return
+            del self._streams[request_id]
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
 
 def _put_all(items) -> None:
