@@ -12,7 +12,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--kv-cache-memory", default="1GiB", help="memory for the paged KV cache, e.g. 512MiB")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="memory for the paged KV cache, e.g. 512MiB (default 1GiB; simulated: the profile's free memory)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
 
 
@@ -41,8 +42,9 @@ def cmd_engine(args) -> None:
                        kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, block_size=args.block_size,
-                       kv_shared=args.kv_transport == "shm")
-    run_engine_server(cfg, host=args.host, port=args.port, model_name=args.served_model_name,
+                       kv_shared=args.kv_transport == "shm" and not args.simulate, simulate=args.simulate)
+    ports = [int(p) for p in args.ports.split(",")] if args.ports else None
+    run_engine_server(cfg, host=args.host, port=args.port, ports=ports, model_name=args.served_model_name,
                       max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
                       api_keys=_api_keys(args), cluster_token=_cluster_token(args),
                       max_body_bytes=args.max_body_bytes)
@@ -157,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log-level", default="info")
     e.add_argument("--kv-transport", choices=["shm", "tcp"], default="shm",
                    help="how peers write KV into this engine: shared memory (same host) or TCP")
+    e.add_argument("--simulate", default=None, metavar="PROFILE",
+                   help="a simulated engine: the real engine with the forward pass replaced by a cost model "
+                        "(profiles: see docs/simulation.md); --model then only names the tokenizer")
+    e.add_argument("--ports", default=None, help="with --simulate: comma-separated ports, one simulated engine "
+                                                 "each, all in this process")
     _add_security_args(e)
     e.set_defaults(func=cmd_engine)
 
@@ -188,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", action="append", default=None, help="a key clients must send (repeat for several)")
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a crashed engine within 5 minutes "
                                                                  "before serve gives up")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="engines: most sequences in one batch")
+    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="engines: per-step token budget")
+    s.add_argument("--simulate", default=None, metavar="PROFILE",
+                   help="simulated engines (the real engine, forward pass by a cost model): e.g. "
+                        "llama-3.1-70b-fp8@h100x4; see docs/simulation.md")
     s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
     s.set_defaults(func=cmd_serve)
 

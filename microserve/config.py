@@ -129,7 +129,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     block_size: int = 16
-    kv_cache_memory: int | str = "1GiB"
+    # Bytes for the paged KV cache. None: 1 GiB for a model, and for a simulated engine what
+    # its hardware profile leaves free after the weights.
+    kv_cache_memory: int | str | None = None
     max_num_seqs: int = 64  # most sequences in one step's batch
     max_num_batched_tokens: int = 512  # per-step token budget for chunked prefill
     max_model_len: int | None = None  # defaults to the model's context window
@@ -137,9 +139,11 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0
     kv_shared: bool = False  # KV pool in shared memory, so peers on this host can write into it
+    simulate: str | None = None  # a profile name (microserve/sim/profiles.py): the cost model replaces the model
 
     def __post_init__(self):
-        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        self.kv_cache_memory_given = self.kv_cache_memory is not None
+        self.kv_cache_memory = parse_size(self.kv_cache_memory if self.kv_cache_memory is not None else "1GiB")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise UserError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

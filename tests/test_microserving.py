@@ -13,18 +13,26 @@ from server_utils import ServerProcess
 BS = 8  # small blocks, so prompts span several and end in a partial one
 
 
+SIMULATED = "llama-3.1-8b@h100"
+
+
 def engine(model, *extra):
-    return ServerProcess(["engine", "--model", model, "--served-model-name", "tiny", "--dtype", "float32",
-                          "--kv-cache-memory", "32MiB", "--block-size", str(BS), *extra])
+    source = ["--simulate", SIMULATED] if model == SIMULATED else ["--model", model, "--kv-cache-memory", "32MiB"]
+    return ServerProcess(["engine", *source, "--served-model-name", "tiny", "--dtype", "float32",
+                          "--block-size", str(BS), *extra])
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_llama):
-    procs = {"p": engine(tiny_llama), "d": engine(tiny_llama), "t": engine(tiny_llama, "--kv-transport", "tcp"),
-             "ref": engine(tiny_llama)}
+# Every test runs on real engines (a tiny model) and on simulated ones: the same scheduler,
+# block pool, leases and KV handshake, with a cost model for the forward pass.
+@pytest.fixture(scope="module", params=["model", "simulated"])
+def cluster(request, tiny_llama):
+    model = tiny_llama if request.param == "model" else SIMULATED
+    procs = {"p": engine(model), "d": engine(model), "t": engine(model, "--kv-transport", "tcp"), "ref": engine(model)}
+    procs["simulated"] = request.param == "simulated"
     yield procs
     for p in procs.values():
-        p.stop()
+        if isinstance(p, ServerProcess):
+            p.stop()
 
 
 def post(server, path, body, expect=200):
@@ -72,7 +80,7 @@ def test_split_prefill_matches_one_engine(cluster, receiver, transport, split):
     end = split if split == -1 else int(split * len(prompt))
     rid = f"split-{receiver}-{split}"
     tokens, recv, sent, out = disaggregated(cluster["p"], cluster[receiver], prompt, end, rid)
-    assert recv["prefix_matched_length"] == 0 and sent["transport"] == transport
+    assert recv["prefix_matched_length"] == 0 and sent["transport"] == ("sim" if cluster["simulated"] else transport)
     assert sent["tokens"] == end % len(prompt) and sent["bytes"] > 0
     assert out["usage"]["cached_tokens"] == end % len(prompt)  # D computed only the rest
     assert tokens == reference(cluster, prompt, rid + "-ref")
@@ -148,7 +156,8 @@ def test_wrong_fingerprint_and_wrong_token_are_refused(cluster):
     recv = post(d, "/microserving/prep_recv", {"request_id": "guard", "prompt": prompt, "end": -1})
     body = {"request_id": "guard", "prompt": prompt, "begin": 0, "end": 29}
 
-    bad_layout = {**recv["kv_addr_info"], "fingerprint": {**recv["kv_addr_info"]["fingerprint"], "dtype": "bfloat16"}}
+    fp = recv["kv_addr_info"]["fingerprint"]
+    bad_layout = {**recv["kv_addr_info"], "fingerprint": {**fp, "head_dim": 2 * fp["head_dim"]}}
     r = httpx.post(p.url + "/microserving/remote_send", json={**body, "kv_addr_info": bad_layout}, timeout=60)
     assert r.status_code == 400 and "layout mismatch" in r.json()["error"]["message"]
 
@@ -207,7 +216,8 @@ def test_sender_dying_mid_transfer_leaves_nothing_valid(cluster):
     addr = recv["kv_addr_info"]
     with socket.create_connection((addr["host"], addr["port"])) as s:
         s.sendall(json.dumps({"request_id": "dies", "token": addr["token"], "fingerprint": addr["fingerprint"],
-                              "begin": 0, "end": 39, "transport": "tcp"}).encode() + b"\n")
+                              "begin": 0, "end": 39,
+                              "transport": "sim" if cluster["simulated"] else "tcp"}).encode() + b"\n")
         assert json.loads(s.makefile("rb").readline())["ok"]
         s.sendall(b"\x7f" * 1000)  # part of layer 0, then the sender is gone
     time.sleep(0.5)

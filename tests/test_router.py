@@ -20,10 +20,13 @@ TOKEN = "secret-admin-token"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shortest_queue_split.py"
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_llama):
-    common = ["--model", tiny_llama, "--served-model-name", "tiny", "--dtype", "float32",
-              "--kv-cache-memory", "32MiB", "--block-size", "8"]
+# Real engines (a tiny model) and simulated ones (a cost model for the forward pass, the same
+# engine otherwise): every strategy must give one engine's answer on both.
+@pytest.fixture(scope="module", params=["model", "simulated"])
+def setup(request, tiny_llama):
+    source = ["--model", tiny_llama, "--kv-cache-memory", "32MiB"] if request.param == "model" \
+        else ["--simulate", "llama-3.1-8b@h100"]
+    common = [*source, "--served-model-name", "tiny", "--dtype", "float32", "--block-size", "8"]
     e0, e1, ref = (ServerProcess(["engine", *common]) for _ in range(3))
     os.environ["MICROSERVE_ADMIN_TOKEN"] = TOKEN
     try:

@@ -22,10 +22,16 @@ class LLMEngine:
         self.cfg = cfg = cfg or EngineConfig()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress)
+        if cfg.simulate:  # the same engine; only the forward pass is a cost model
+            from microserve.sim.runner import SimRunner, load_simulated
+
+            self.loaded = loaded or load_simulated(cfg)
+            self.runner = SimRunner(self.loaded, cfg)
+        else:
+            self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress)
+            self.runner = ModelRunner(self.loaded, cfg)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self.runner = ModelRunner(self.loaded, cfg)
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         capacity = self.runner.num_blocks * cfg.block_size

@@ -63,6 +63,8 @@ class KVReceiver:
                 if head.get("fingerprint") != self.fingerprint:
                     raise TransferError(f"KV layout mismatch: sender {head.get('fingerprint')}, "
                                         f"receiver {self.fingerprint}")
+                if (head.get("transport") == "sim") != getattr(self.kv, "simulated", False):
+                    raise TransferError("a simulated transfer goes only between simulated engines")
                 slots = self.registry.open_transfer(request_id, head.get("token"), begin, end)
                 opened = True
                 send_json(conn, {"ok": True})

@@ -30,6 +30,10 @@ def send_kv(kv, source: LayerProgress, addr: KVAddress, fingerprint: dict, timeo
     the computation of the later layers. Returns once the receiver has acknowledged
     every byte; raises TransferError otherwise (the receiver then keeps nothing).
     """
+    if getattr(kv, "simulated", False):
+        from microserve.sim.transfer import send_simulated
+
+        return send_simulated(kv, source, addr, fingerprint, timeout)
     begin, end = addr.begin, addr.end
     use_shm = addr.transport == "shm" and addr.shm is not None and os.path.exists(addr.shm["k"])
     transport = "shm" if use_shm else "tcp"

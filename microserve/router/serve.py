@@ -16,6 +16,14 @@ import httpx
 
 
 RESTART_WINDOW_S = 300
+SIM_ENGINES_PER_PROCESS = 256  # simulated engines hosted by one process
+
+
+def _split(items: list, size: int) -> list[list]:
+    """`items` in consecutive groups of at most `size`, as even as possible."""
+    k = -(-len(items) // size)
+    step = -(-len(items) // k)
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 def _free_port() -> int:
@@ -87,7 +95,11 @@ def serve(args) -> int:
              or secrets.token_urlsafe(16))
     secret_env = {"MICROSERVE_CLUSTER_TOKEN": token}  # in the environment, not on command lines `ps` shows
     model = ["--model", args.model] if args.model else []
-    name = args.served_model_name or _default_name(args.model)
+    limits = []  # scheduler limits, passed to every engine
+    for flag in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag, None):
+            limits += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    name = args.served_model_name or args.simulate or _default_name(args.model)
     children: list[Child] = []
     stopping = threading.Event()
 
@@ -99,13 +111,22 @@ def serve(args) -> int:
     try:
         ports = [_free_port() for _ in range(n)]
         engine_urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for i, port in enumerate(ports):
-            children.append(Child(f"engine-{i}", ["engine", *model, "--port", str(port), "--threads", str(threads),
-                                                  "--dtype", args.dtype, "--served-model-name", name,
-                                                  "--log-level", "warning"],
-                                  # engines' own /v1 is for the cluster too: user keys go through the router
-                                  env={**secret_env, "MICROSERVE_API_KEYS": token}))
-        _wait_healthy(children, engine_urls)
+        # engines' own /v1 is for the cluster too: user keys go through the router
+        engine_env = {**secret_env, "MICROSERVE_API_KEYS": token}
+        if args.simulate:  # simulated engines sleep through their steps: many share one process
+            groups = _split(ports, SIM_ENGINES_PER_PROCESS)
+            for i, group in enumerate(groups):
+                children.append(Child(f"sim-{i}", ["engine", *model, *limits, "--simulate", args.simulate,
+                                                   "--ports", ",".join(map(str, group)), "--served-model-name", name,
+                                                   "--log-level", "warning"], env=engine_env))
+            engine_children = [c for c, g in zip(children, groups) for _ in g]
+        else:
+            for i, port in enumerate(ports):
+                children.append(Child(f"engine-{i}", ["engine", *model, *limits, "--port", str(port), "--threads", str(threads),
+                                                      "--dtype", args.dtype, "--served-model-name", name,
+                                                      "--log-level", "warning"], env=engine_env))
+            engine_children = children
+        _wait_healthy(engine_children, engine_urls)
         router_args = ["router", *model, "--port", str(args.port), "--host", args.host, "--strategy", args.strategy,
                        "--served-model-name", name, "--log-level", "warning"]
         for url in engine_urls:
@@ -115,7 +136,9 @@ def serve(args) -> int:
         children.append(router)
         url = f"http://{args.host}:{args.port}"
         _wait_healthy([router], [url])
-        print(_banner(url, name, n, threads, args.strategy, token, keys.split(",")[0] if keys else "none"),
+        what = (f"{n} simulated {args.simulate} engines" if args.simulate
+                else f"{n} engines ({threads} thread{'s' if threads != 1 else ''} each)")
+        print(_banner(url, name, what, args.strategy, token, keys.split(",")[0] if keys else "none"),
               flush=True)
         while not stopping.is_set():
             for c in children:
@@ -148,10 +171,10 @@ def _default_name(model: str | None) -> str:
     return served_model_name(model)
 
 
-def _banner(url: str, name: str, n: int, threads: int, strategy: str, token: str, api_key: str) -> str:
+def _banner(url: str, name: str, what: str, strategy: str, token: str, api_key: str) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key != "none" else ""
     return f"""
-microserve is up: {n} engines ({threads} thread{"s" if threads != 1 else ""} each) behind a router using `{strategy}`.
+microserve is up: {what} behind a router using `{strategy}`.
 
   {url}/v1   (OpenAI-compatible; metrics at {url}/metrics)
 

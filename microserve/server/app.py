@@ -37,16 +37,24 @@ def raise_open_file_limit() -> None:
 def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
                       model_name: str | None = None, max_waiting: int = 256, log_level: str = "info",
                       kv_transport: str = "shm", api_keys: list[str] | None = None,
-                      cluster_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                      cluster_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                      ports: list[int] | None = None) -> None:
+    """Serve one engine on `port`; simulated engines (cfg.simulate) may take several `ports`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(host) and not cluster_token:
         raise UserError(f"binding to {host} without --cluster-token would let anyone on the network read and "
                         "write this engine's KV cache: give a cluster token")
     raise_open_file_limit()
+    options = dict(max_waiting=max_waiting, kv_transport=kv_transport, api_keys=api_keys,
+                   cluster_token=cluster_token, max_body_bytes=max_body_bytes)
+    if cfg.simulate:  # any number of them in this process, one port each
+        from microserve.sim.host import run_simulated_engines
+
+        run_simulated_engines(cfg, ports or [port], host, model_name or cfg.simulate, log_level, **options)
+        return
     engine = LLMEngine(cfg)
     name = model_name or served_model_name(cfg.model)
-    app = build_app(engine, name, max_waiting=max_waiting, host=host, kv_transport=kv_transport,
-                    api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes)
+    app = build_app(engine, name, host=host, **options)
     logging.getLogger("microserve").info("serving %s on http://%s:%d (KV blocks: %d of %d tokens)",
                                          name, host, port, engine.pool.num_blocks, cfg.block_size)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
