@@ -7,6 +7,7 @@ The same code runs on CPU and CUDA.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -177,12 +178,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 
 
 def can_pack_linears(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_fast_bf16()
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """oneDNN's packed bf16 GEMMs need AVX512-BW or AVX-NE-CONVERT: try once on a tiny weight,
+    so a CPU without them runs the plain path instead of failing at load."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def padded_rows(n: int) -> int:

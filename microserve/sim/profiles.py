@@ -93,12 +93,16 @@ class Hardware:
     attention_flops_efficiency: float | None = None  # fraction of peak_flops
     attention_bandwidth_efficiency: float | None = None  # fraction of mem_bandwidth
     activation_reserve_bytes: float = 2 * GiB  # per device: activations, CUDA graphs, comm buffers
+    # GPUs hide memory traffic under compute (an op costs the larger of the two); one CPU
+    # thread running small GEMMs does not, so there an op costs their sum.
+    overlap_compute_and_memory: bool = True
 
     def __post_init__(self):
         if self.num_devices < 1:
             raise UserError(f"hardware {self.name!r}: num_devices must be at least 1")
-        fractions = [self.flops_efficiency, self.bandwidth_efficiency, self.memory_utilization,
-                     self.attention_flops_efficiency or 1.0, self.attention_bandwidth_efficiency or 1.0]
+        fractions = [self.flops_efficiency, self.bandwidth_efficiency, self.memory_utilization]
+        attention = (self.attention_flops_efficiency, self.attention_bandwidth_efficiency)
+        fractions += [f for f in attention if f is not None]
         if not all(0 < f <= 1 for f in fractions):
             raise UserError(f"hardware {self.name!r}: efficiencies and memory_utilization must lie in (0, 1]")
         if min(self.peak_flops, self.mem_bandwidth, self.memory_bytes, self.kv_link_bandwidth,
@@ -120,7 +124,7 @@ LLAMA_3_1_70B_FP8 = SimModel(
     num_heads=64, num_kv_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
     weight_bytes=1.0,  # FP8 (e4m3) linear weights
     embedding_bytes=2.0,  # embeddings and lm_head stay bf16 in FP8 checkpoints
-    kv_bytes=2.0,  # bf16 KV: vLLM's default kv_cache_dtype="auto" (the activation dtype), also MLC's
+    kv_bytes=2.0,  # bf16 KV: vLLM's default kv_cache_dtype="auto" is the activation dtype
 )
 
 LLAMA_3_1_8B = SimModel(
@@ -132,7 +136,9 @@ LLAMA_3_1_8B = SimModel(
 SMOLLM2_135M = SimModel(
     name="SmolLM2-135M-Instruct", num_layers=30, hidden_size=576, intermediate_size=1536,
     num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-    weight_bytes=2.0, kv_bytes=2.0, tie_word_embeddings=True,
+    # float32: what `--dtype auto` runs on the CPU the profile was fitted on (AVX2, no
+    # AVX512-BF16, where bf16 GEMMs run ~6x slower than float32).
+    weight_bytes=4.0, kv_bytes=4.0, tie_word_embeddings=True,
 )
 
 # ------------------------------------------------------------------------------ hardware
@@ -163,7 +169,7 @@ H100_BF16 = Hardware(
     flops_efficiency=0.65,
     attention_flops_efficiency=0.5,
     bandwidth_efficiency=0.8,
-    step_overhead_s=0.4e-3,
+    step_overhead_s=1.1e-3,
     kv_link_bandwidth=370e9,
     kv_link_latency_s=20e-6,
 )
@@ -177,7 +183,7 @@ A100_BF16 = Hardware(
     flops_efficiency=0.7,
     attention_flops_efficiency=0.6,
     bandwidth_efficiency=0.8,
-    step_overhead_s=0.4e-3,
+    step_overhead_s=1.1e-3,
     per_seq_overhead_s=10e-6,
     allreduce_bandwidth=230e9,  # NVLink 3: 600 GB/s bidirectional; nccl-tests measure ~200-230 GB/s
     allreduce_latency_s=10e-6,
@@ -185,31 +191,35 @@ A100_BF16 = Hardware(
     kv_link_latency_s=20e-6,
 )
 
-# This machine's CPU with one torch thread, running microserve's own engine. The
-# efficiencies and overheads are FITTED by benchmarks/fit_cpu_profile.py (run of
-# 2026-XX-XX); peak_flops and mem_bandwidth are the same script's microbenchmarks.
+# This machine's CPU (an AMD EPYC with AVX2 and no AVX512-BF16) with one torch thread,
+# running microserve's own engine in float32 (what `--dtype auto` picks on such a CPU).
+# FITTED by benchmarks/fit_cpu_profile.py on 2026-11-25 (median error 14%, max 60% over
+# 19 cases: small-batch steps on one CPU thread are irregular; docs/simulation.md has the
+# table). peak_flops is the fastest fitted rate (attention's), so the GEMMs' share shows
+# as flops_efficiency; mem_bandwidth is the script's 256 MB read microbenchmark.
 CPU_1T_FITTED = dict(
-    peak_flops=1.0e11,
-    mem_bandwidth=1.0e10,
-    flops_efficiency=0.5,
-    attention_flops_efficiency=0.2,
-    bandwidth_efficiency=0.8,
-    attention_bandwidth_efficiency=0.3,
-    step_overhead_s=5e-3,
-    per_seq_overhead_s=0.2e-3,
+    peak_flops=3.69e10,
+    mem_bandwidth=1.1e10,
+    flops_efficiency=0.832,
+    attention_flops_efficiency=1.0,
+    bandwidth_efficiency=0.582,
+    attention_bandwidth_efficiency=0.127,
+    step_overhead_s=0.00516,
+    per_seq_overhead_s=1.2e-4,
 )
 
 CPU_1T = Hardware(
-    name="this machine's CPU, 1 thread", num_devices=1, **CPU_1T_FITTED,
+    name="this machine's CPU, 1 thread", num_devices=1, **CPU_1T_FITTED, overlap_compute_and_memory=False,
     # The real engine's default KV budget is 1 GiB next to the weights (EngineConfig), so
     # "memory" is exactly that: a simulated engine gets as many blocks as a real one.
     memory_bytes=SMOLLM2_135M.weights_bytes + 1 * GiB,
     memory_utilization=1.0,
     activation_reserve_bytes=0.0,
     allreduce_bandwidth=1e10, allreduce_latency_s=0.0,  # one device: never used
-    # KV over the shm transport: docs/benchmarks.md ("KV transfer"); the fixed part of a real
-    # transfer (HTTP call, header round trip, commit) is done for real by a simulated one.
-    kv_link_bandwidth=7.2e9,
+    # KV over the shm transport: the same script times its per-layer gather + scatter on this
+    # machine (one thread). The fixed part of a real transfer (HTTP call, header round trip,
+    # commit) runs for real in a simulated one (microserve/sim/transfer.py), so none here.
+    kv_link_bandwidth=1.84e9,
     kv_link_latency_s=0.0,
 )
 
