@@ -64,6 +64,7 @@ STRATEGIES = [
     {"name": "disagg", "roles": ["prefill", "decode"]}, {"name": "balanced_disagg", "params": {"fraction": 0.3}},
     {"name": "context_migration"}, {"name": "adaptive", "params": {"long_prompt": 8, "busy": 0}},
     {"name": "custom", "source": EXAMPLE.read_text(), "params": {"long_prompt": 8}},
+    {"name": "elastic_disagg", "roles": ["prefill", "decode"]}, {"name": "elastic_disagg", "params": {"idle_load": 0}},
 ]
 
 

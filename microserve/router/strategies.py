@@ -115,8 +115,53 @@ async def adaptive(req: Request, cluster: Cluster, long_prompt: int = 256, busy:
         yield chunk
 
 
+# Prompts each engine is prefilling for this router (from the call until the first token).
+_prefilling: dict[Engine, int] = {}
+
+
+async def _counted(engine: Engine, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """`chunks`, counted in `_prefilling[engine]` until the first one arrives."""
+    _prefilling[engine] = _prefilling.get(engine, 0) + 1
+    counting = True
+    try:
+        async for chunk in chunks:
+            if counting:
+                _prefilling[engine] -= 1
+                counting = False
+            yield chunk
+    finally:
+        if counting:
+            _prefilling[engine] -= 1
+
+
+async def elastic_disagg(req: Request, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[dict]:
+    """Data parallel while the engines are nearly idle (fewer than `idle_load` requests on the
+    pair); under load, prefill on P and decode on D, except when the decode engine can take the
+    whole request at a lower cost in waiting: a prompt prefilled on D stalls each of D's
+    running decodes for one prefill, a prompt sent to P waits behind each prompt queued there.
+    So D takes it when P has more prompts queued than D has sequences decoding."""
+    decode = cluster.least_loaded(cluster.with_role("decode"))
+    prefills = [e for e in cluster.with_role("prefill") if e is not decode]
+    if not prefills or len(req.prompt) < 2:
+        async for chunk in generate_on(decode, req):
+            yield chunk
+        return
+    prefill = min(prefills, key=lambda e: (_prefilling.get(e, 0), e.load))
+    queued = _prefilling.get(prefill, 0)
+    decoding = decode.load - _prefilling.get(decode, 0)
+    if not queued and prefill.load + decode.load < idle_load:
+        engine = cluster.least_loaded([prefill, decode])
+        chunks = generate_on(engine, req)
+    elif queued > decoding and not _prefilling.get(decode, 0):
+        engine, chunks = decode, generate_on(decode, req)
+    else:
+        engine, chunks = prefill, split(req, prefill, decode, len(req.prompt) - 1)
+    async for chunk in _counted(engine, chunks):
+        yield chunk
+
+
 BUILTIN = {f.__name__: f for f in (round_robin, least_loaded, prefix_aware, disagg, balanced_disagg,
-                                   context_migration, adaptive)}
+                                   context_migration, adaptive, elastic_disagg)}
 
 
 def load_strategy_source(source: str, name: str = "user_strategy"):
