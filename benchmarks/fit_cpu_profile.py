@@ -210,17 +210,17 @@ def kv_link(dtype: torch.dtype) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- fit
 
 NAMES = ["gemm FLOP/s", "GEMM bytes/s", "attention FLOP/s", "attention bytes/s", "step overhead s",
-         "per-sequence overhead s"]
+         "per-sequence overhead s", "single-row GEMM bytes/s"]
 
 
 def cost_model(theta: np.ndarray) -> CostModel:
-    f, b, fa, ba, step, seq = np.exp(theta)
+    f, b, fa, ba, step, seq, b1 = np.exp(theta)
     base = get_profile(PROFILE)
-    peak_f, peak_b = max(f, fa), max(b, ba)
+    peak_f, peak_b = max(f, fa), max(b, ba, b1)
     hw = dataclasses.replace(
         base.hardware, peak_flops=peak_f, flops_efficiency=f / peak_f, attention_flops_efficiency=fa / peak_f,
         mem_bandwidth=peak_b, bandwidth_efficiency=b / peak_b, attention_bandwidth_efficiency=ba / peak_b,
-        step_overhead_s=step, per_seq_overhead_s=seq)
+        single_row_bandwidth_efficiency=b1 / peak_b, step_overhead_s=step, per_seq_overhead_s=seq)
     return CostModel(dataclasses.replace(base, hardware=hw))
 
 
@@ -324,15 +324,15 @@ def main() -> None:
     cases = [(p, d, s, t) for _, p, d, s, t, _ in named]
 
     # Prior: GEMMs and attention at the microbenchmarks' rates, 5 ms and 0.1 ms of overheads.
-    prior = np.log([peak_flops, bandwidth, peak_flops, bandwidth, 5e-3, 1e-4])
+    prior = np.log([peak_flops, bandwidth, peak_flops, bandwidth, 5e-3, 1e-4, bandwidth])
     objective = lambda th: loss(th, cases, prior)  # noqa: E731
     best = min((nelder_mead(objective, prior + shift) for shift in (0.0, -0.5, 0.5)), key=objective)
     best = nelder_mead(objective, best, step=0.1)
-    f, b, fa, ba, step, seq = np.exp(best)
+    f, b, fa, ba, step, seq, b1 = np.exp(best)
     model = cost_model(best)
 
     # Express the rates against the microbenchmarks; a rate above them raises the peak.
-    peak_f, peak_b = max(peak_flops, f, fa), max(bandwidth, b, ba)
+    peak_f, peak_b = max(peak_flops, f, fa), max(bandwidth, b, ba, b1)
     print("\nfitted constants (paste into CPU_1T_FITTED in microserve/sim/profiles.py):")
     print(f"    peak_flops={peak_f:.3g},")
     print(f"    mem_bandwidth={peak_b:.3g},")
@@ -340,9 +340,10 @@ def main() -> None:
     print(f"    attention_flops_efficiency={fa / peak_f:.3f},")
     print(f"    bandwidth_efficiency={b / peak_b:.3f},")
     print(f"    attention_bandwidth_efficiency={ba / peak_b:.3f},")
+    print(f"    single_row_bandwidth_efficiency={b1 / peak_b:.3f},")
     print(f"    step_overhead_s={step:.3g},")
     print(f"    per_seq_overhead_s={seq:.3g},")
-    for name, value in zip(NAMES, (f, b, fa, ba, step, seq)):
+    for name, value in zip(NAMES, (f, b, fa, ba, step, seq, b1)):
         print(f"  {name}: {value:.4g}")
 
     print("\n| case | batch as the simulator sees it | runs | measured ms | predicted ms | error |")

@@ -36,16 +36,18 @@ class EngineDown(Exception):
 class Engine:
     """One engine, as a strategy sees it."""
 
-    def __init__(self, url: str, role: str = "both", token: str | None = None):
+    def __init__(self, url: str, role: str = "both", token: str | None = None, index: "PrefixIndex | None" = None):
         self.url = url.rstrip("/")
         self.role = role  # "both" | "prefill" | "decode"
         self.status: dict = {}
         self.healthy = False
         self.block_size = 16
         self.cached: set[bytes] = set()  # block hashes in the engine's prefix cache
+        self.index = index  # the cluster-wide map of which engine holds which block
         self._next_event = 0
         self._instance = None  # the engine process we indexed; a restart empties its cache
         self.inflight = 0  # requests this router has on the engine right now (exact, unlike status)
+        self.messages = 0  # status and event messages received (to measure what following costs)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600, connect=5), headers=headers,
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -63,7 +65,8 @@ class Engine:
         return self.status.get("free_blocks", total) / total
 
     def cached_tokens(self, prompt: list[int]) -> int:
-        """Leading tokens of `prompt` this engine holds, from the router's prefix index."""
+        """Leading tokens of `prompt` this engine holds, from the router's prefix index
+        (for one engine; `Cluster.cached_tokens` answers for all of them at once)."""
         n = 0
         for h in hash_prompt_blocks(prompt, self.block_size):
             if h not in self.cached:
@@ -122,39 +125,119 @@ class Engine:
 
     # ------------------------------------------------------------ live state
 
-    async def refresh(self) -> None:
-        try:
-            self.status = (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
-            self.block_size = self.status.get("fingerprint", {}).get("block_size", self.block_size)
-            if self.status.get("instance") != self._instance:  # a new process: its cache starts empty
-                self._instance = self.status.get("instance")
-                self.cached, self._next_event = set(), 0
-            r = (await self._client.get("/microserving/kv_events", params={"since": self._next_event}, timeout=5)).json()
-            if r["dropped"]:  # fell behind: take the full list
-                full = (await self._client.get("/microserving/prefix_hashes", timeout=5)).json()
-                self.cached = {bytes.fromhex(h) for h in full["hashes"]}
+    def _apply(self, status: dict, events: list, next_event: int, hashes: list[str] | None = None) -> None:
+        """Take in the engine's status and the prefix-cache changes since the last message."""
+        self.messages += 1
+        self.status = status
+        self.block_size = status.get("fingerprint", {}).get("block_size", self.block_size)
+        if status.get("instance") != self._instance:  # a new process: its cache starts empty
+            self._instance = status.get("instance")
+            self._set_cached(set())
+            self._next_event = 0
+        if hashes is not None:
+            self._set_cached({bytes.fromhex(h) for h in hashes})
+        for _, kind, h in events:
+            h = bytes.fromhex(h)
+            if kind == "stored":
+                self.cached.add(h)
+                if self.index is not None:
+                    self.index.add(h, self)
             else:
-                for _, kind, h in r["events"]:
-                    (self.cached.add if kind == "stored" else self.cached.discard)(bytes.fromhex(h))
-            self._next_event = r["next"]
-            self.healthy = self.status.get("healthy", True)
+                self.cached.discard(h)
+                if self.index is not None:
+                    self.index.discard(h, self)
+        self._next_event = next_event
+        self.healthy = status.get("healthy", True)
+
+    def _set_cached(self, hashes: set[bytes]) -> None:
+        if self.index is not None:
+            for h in self.cached - hashes:
+                self.index.discard(h, self)
+            for h in hashes - self.cached:
+                self.index.add(h, self)
+        self.cached = hashes
+
+    async def refresh(self) -> None:
+        """One poll of status and prefix-cache events (`watch` keeps them current without polling)."""
+        try:
+            status = (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
+            since = self._next_event if status.get("instance") == self._instance else 0
+            r = (await self._client.get("/microserving/kv_events", params={"since": since}, timeout=5)).json()
+            hashes = None
+            if r["dropped"]:  # fell behind: take the full list
+                hashes = (await self._client.get("/microserving/prefix_hashes", timeout=5)).json()["hashes"]
+            self._apply(status, [] if hashes is not None else r["events"], r["next"], hashes)
         except (httpx.HTTPError, ValueError, KeyError):
             self.healthy = False
+
+    async def watch(self, heartbeat_s: float = 5.0) -> None:
+        """Follow the engine's status stream until cancelled: one long-lived request per engine,
+        messages only when something changed (or a heartbeat). A stream that breaks, or stays
+        silent past three heartbeats, marks the engine down until it can be reached again."""
+        backoff = 0.1
+        while True:
+            try:
+                timeout = httpx.Timeout(5, read=3 * heartbeat_s)
+                async with self._client.stream("GET", "/microserving/watch", timeout=timeout,
+                                               params={"since": self._next_event, "heartbeat_s": heartbeat_s}) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line:
+                            m = json.loads(line)
+                            self._apply(m["status"], m["events"], m["next"], m.get("hashes"))
+                            backoff = 0.1
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                log.debug("status stream of %s broke: %s", self.url, e)
+            self.healthy = False
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
+class PrefixIndex:
+    """Block hash -> the engines holding that block: one walk over a prompt's hashes tells how
+    much of it every engine has cached, however many engines there are."""
+
+    def __init__(self):
+        self.holders: dict[bytes, set[Engine]] = {}
+
+    def add(self, h: bytes, engine: Engine) -> None:
+        self.holders.setdefault(h, set()).add(engine)
+
+    def discard(self, h: bytes, engine: Engine) -> None:
+        engines = self.holders.get(h)
+        if engines is not None:
+            engines.discard(engine)
+            if not engines:
+                del self.holders[h]
+
+    def matched_blocks(self, hashes: list[bytes]) -> dict[Engine, int]:
+        """Leading blocks of `hashes` each engine holds (engines holding none are left out)."""
+        matched: dict[Engine, int] = {}
+        for i, h in enumerate(hashes):
+            grew = False
+            for e in self.holders.get(h, ()):
+                if matched.get(e, 0) == i:
+                    matched[e] = i + 1
+                    grew = True
+            if not grew:  # no engine holds blocks 0..i: none can match further
+                break
+        return matched
+
+
 class Cluster:
-    """The engines a strategy may use; status and prefix index refreshed in the background."""
+    """The engines a strategy may use; each one's status and prefix-cache changes stream in."""
 
     def __init__(self, urls: list[str], roles: list[str] | None = None, refresh_s: float = 0.25,
                  token: str | None = None):
         roles = roles or ["both"] * len(urls)
-        self.engines = [Engine(u, r, token) for u, r in zip(urls, roles)]
-        self.refresh_s = refresh_s
+        self.index = PrefixIndex()
+        self.engines = [Engine(u, r, token, self.index) for u, r in zip(urls, roles)]
+        self.refresh_s = refresh_s  # how often a waiting caller looks again (fail-over)
         self._rr = 0
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def set_roles(self, roles: list[str]) -> None:
         if len(roles) != len(self.engines) or not set(roles) <= {"both", "prefill", "decode"}:
@@ -168,7 +251,7 @@ class Cluster:
 
     @property
     def up(self) -> list[Engine]:
-        """Engines whose last status refresh succeeded (may be empty, unlike `healthy`)."""
+        """Engines whose status stream is live (may be empty, unlike `healthy`)."""
         return [e for e in self.engines if e.healthy]
 
     def with_role(self, role: str) -> list[Engine]:
@@ -184,22 +267,27 @@ class Cluster:
     def least_loaded(engines: list[Engine]) -> Engine:
         return min(engines, key=lambda e: (e.load, -e.kv_free))
 
+    def cached_tokens(self, prompt: list[int]) -> dict[Engine, int]:
+        """Leading tokens of `prompt` each engine holds in its prefix cache (0 for most): the
+        prompt is hashed once per block size, not once per engine."""
+        found: dict[Engine, int] = dict.fromkeys(self.engines, 0)
+        for bs in {e.block_size for e in self.engines}:
+            for e, blocks in self.index.matched_blocks(hash_prompt_blocks(prompt, bs)).items():
+                if e.block_size == bs:
+                    found[e] = blocks * bs
+        return found
+
     async def refresh(self) -> None:
         await asyncio.gather(*(e.refresh() for e in self.engines))
 
     async def start(self) -> None:
         await self.refresh()
-
-        async def loop():
-            while True:
-                await asyncio.sleep(self.refresh_s)
-                await self.refresh()
-
-        self._task = asyncio.create_task(loop())
+        self._tasks = [asyncio.create_task(e.watch()) for e in self.engines]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(e.close() for e in self.engines))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from microserve.errors import UserError
 from microserve.router import strategies
@@ -50,6 +50,10 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
     admission = Admission(max_active or 256 * len(cluster.engines), max_queued)
     ttft = Histogram("microserve_router:time_to_first_token_seconds", "Router-side TTFT",
                      buckets=LATENCY_BUCKETS, registry=registry)
+    Gauge("microserve_router:engine_messages", "Status and prefix-cache messages received from engines",
+          registry=registry).set_function(lambda: sum(e.messages for e in cluster.engines))
+    Gauge("microserve_router:engines_up", "Engines whose status stream is live", registry=registry
+          ).set_function(lambda: sum(e.healthy for e in cluster.engines))
     # (name, function, params): replaced as a whole, so each request keeps the one it started with.
     state = {"current": _resolve(strategy, None, params or {})}
 

@@ -58,7 +58,8 @@ async def least_loaded(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
 
 async def prefix_aware(req: Request, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[dict]:
     """The engine holding the longest prefix, where each queued request costs `tokens_per_queued`."""
-    best = max(cluster.healthy, key=lambda e: e.cached_tokens(req.prompt) - tokens_per_queued * e.load)
+    cached = cluster.cached_tokens(req.prompt)
+    best = max(cluster.healthy, key=lambda e: cached[e] - tokens_per_queued * e.load)
     async for chunk in generate_on(best, req):
         yield chunk
 
@@ -86,9 +87,10 @@ async def context_migration(req: Request, cluster: Cluster, min_tokens: int = 32
     """Decode on the least loaded decode engine; if another engine holds more of the prompt's
     prefix, it sends that KV over instead of the target recomputing it."""
     target = cluster.least_loaded(cluster.with_role("decode"))
-    holder = max(cluster.healthy, key=lambda e: e.cached_tokens(req.prompt))
-    have = holder.cached_tokens(req.prompt)
-    if holder is target or have - target.cached_tokens(req.prompt) < min_tokens:
+    cached = cluster.cached_tokens(req.prompt)
+    holder = max(cluster.healthy, key=lambda e: cached[e])
+    have = cached[holder]
+    if holder is target or have - cached[target] < min_tokens:
         async for chunk in generate_on(target, req):
             yield chunk
         return

@@ -47,6 +47,26 @@ class AsyncEngine:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self._watchers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def watch(self) -> asyncio.Event:
+        """An event set (from the loop thread) after every step or applied add/abort: what a
+        status stream waits on instead of polling. Drop it with `unwatch`."""
+        event = asyncio.Event()
+        with self._lock:
+            self._watchers.add((asyncio.get_running_loop(), event))
+        return event
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        with self._lock:
+            self._watchers = {w for w in self._watchers if w[1] is not event}
+
+    def _changed(self) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        for loop, event in watchers:
+            if not event.is_set():
+                loop.call_soon_threadsafe(event.set)
 
     def start(self) -> None:
         self._thread.start()
@@ -122,12 +142,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopped:
-                self._apply_pending()
+                if self._apply_pending():
+                    self._changed()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
                 self._deliver(self.engine.step())
+                self._changed()
         except BaseException as e:  # the loop died: fail every waiting request, loudly
             self.error = e
             with self._lock:
@@ -136,7 +158,8 @@ class AsyncEngine:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, RuntimeError(f"engine loop failed: {e}"))
             raise
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self) -> bool:
+        """Apply queued calls, adds and aborts; True if there were any."""
         with self._lock:
             pending, self._pending, self._num_adds = self._pending, [], 0
             calls, self._calls = self._calls, []
@@ -158,6 +181,7 @@ class AsyncEngine:
                 # A consumer still waiting (aborted from elsewhere, e.g. by a router) must hear of it.
                 if args[0] is not None:
                     self._fail(request_id, Conflict(f"request {request_id!r} was aborted"), only=args[0])
+        return bool(pending or calls)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not per request."""

@@ -6,6 +6,7 @@ Prompts are token ids; `request_id` names the same request on every engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -22,6 +23,10 @@ from microserve.kv_transfer.sender import send_kv
 from microserve.kv_transfer.wire import TransferError
 from microserve.server.async_engine import AsyncEngine
 from microserve.server.protocol import _SamplingFields
+
+
+WATCH_INTERVAL_S = 0.1  # a watch stream sends at most this often
+WATCH_HEARTBEAT_S = 5.0  # and at least this often, so a router notices a silent engine
 
 
 class PrepRecv(BaseModel):
@@ -162,12 +167,15 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         aengine.abort(req.request_id)  # also ends a stream being served here
         return {"ok": True, "found": found}
 
-    @app.get("/microserving/status")
-    async def status():
+    def status_now() -> dict:
         return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint, "instance": instance,
                 "healthy": aengine.healthy,
                 "max_model_len": engine.max_model_len,
                 "kv_transfer": {"host": receiver.host, "port": receiver.port, "shm": shm is not None}}
+
+    @app.get("/microserving/status")
+    async def status():
+        return status_now()
 
     @app.post("/microserving/prefix_match")
     async def prefix_match(body: dict):
@@ -193,5 +201,43 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         events, dropped = await aengine.call(lambda: engine.pool.events_since(since))
         return {"events": [[seq, kind, h.hex()] for seq, kind, h in events], "next": engine.pool.num_events,
                 "dropped": dropped}
+
+    @app.get("/microserving/watch")
+    async def watch(since: int = 0, heartbeat_s: float = WATCH_HEARTBEAT_S):
+        """One JSON line of status and prefix-cache events now, then one each time they change
+        (at most every WATCH_INTERVAL_S) and at least every `heartbeat_s`: routers follow
+        hundreds of engines this way instead of polling each. Events are [seq, kind, hash];
+        when `since` is older than the events kept, `hashes` lists the whole prefix cache."""
+        heartbeat_s = min(max(heartbeat_s, WATCH_INTERVAL_S), 60.0)
+
+        async def lines():
+            changed = aengine.watch()
+            next_event, last_status, due = since, None, True  # the first line goes out at once
+            try:
+                while True:
+                    changed.clear()
+                    # Plain reads of the pool and scheduler from this thread, as /status does.
+                    status = status_now()
+                    events, dropped = engine.pool.events_since(next_event)
+                    dropped = dropped or next_event > engine.pool.num_events  # numbered by an earlier process
+                    if due or events or dropped or status != last_status:
+                        body = {"status": status, "events": [[seq, kind, h.hex()] for seq, kind, h in events]}
+                        if dropped:  # fell behind the kept events: the whole cache instead
+                            body["events"], body["hashes"] = [], [h.hex() for h in list(engine.pool.cached)]
+                        next_event = engine.pool.num_events if dropped else \
+                            (events[-1][0] + 1 if events else next_event)
+                        body["next"] = next_event
+                        last_status = status
+                        yield json.dumps(body) + "\n"
+                    await asyncio.sleep(WATCH_INTERVAL_S)  # coalesce: a busy engine changes every step
+                    try:
+                        await asyncio.wait_for(changed.wait(), heartbeat_s)
+                        due = False
+                    except asyncio.TimeoutError:
+                        due = True  # nothing changed: a heartbeat
+            finally:
+                aengine.unwatch(changed)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return receiver

@@ -38,6 +38,9 @@ class CostModel:
         attn_b = hw.bandwidth_efficiency if attn_b is None else attn_b
         self.attn_flops = hw.peak_flops * attn_f * n
         self.attn_bandwidth = hw.mem_bandwidth * attn_b * n
+        gemv_b = hw.bandwidth_efficiency if hw.single_row_bandwidth_efficiency is None \
+            else hw.single_row_bandwidth_efficiency
+        self.gemv_bandwidth = hw.mem_bandwidth * gemv_b * n  # GEMMs over a single row
 
         q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
         self.layer_params = m.layer_linear_params
@@ -78,7 +81,7 @@ class CostModel:
             weights = m.num_layers * self.layer_params * m.weight_bytes
             acts = tokens * m.num_layers * self.gemm_act_elems * ACTIVATION_BYTES
             parts["gemm"] = self._roofline(2 * m.num_layers * self.layer_params * tokens, weights + acts,
-                                           self.gemm_flops, self.gemm_bandwidth)
+                                           self.gemm_flops, self.gemv_bandwidth if tokens == 1 else self.gemm_bandwidth)
 
         kv_token = self.kv_bytes_per_token()
         if prefill:
@@ -96,8 +99,8 @@ class CostModel:
         if sampled:
             rows = sampled * (m.hidden_size * ACTIVATION_BYTES + m.vocab_size * LOGIT_BYTES)
             nbytes = self.lm_head_weight_bytes + rows
-            parts["lm_head"] = self._roofline(2 * m.hidden_size * m.vocab_size * sampled, nbytes,
-                                              self.gemm_flops, self.gemm_bandwidth)
+            parts["lm_head"] = self._roofline(2 * m.hidden_size * m.vocab_size * sampled, nbytes, self.gemm_flops,
+                                              self.gemv_bandwidth if sampled == 1 else self.gemm_bandwidth)
 
         tp = hw.num_devices
         if tp > 1 and tokens:

@@ -96,6 +96,9 @@ class Hardware:
     # GPUs hide memory traffic under compute (an op costs the larger of the two); one CPU
     # thread running small GEMMs does not, so there an op costs their sum.
     overlap_compute_and_memory: bool = True
+    # A GEMM over one row runs as a matrix-vector product, which a CPU streams at another rate
+    # than small-row GEMMs (fraction of mem_bandwidth). None: bandwidth_efficiency.
+    single_row_bandwidth_efficiency: float | None = None
 
     def __post_init__(self):
         if self.num_devices < 1:
@@ -193,19 +196,20 @@ A100_BF16 = Hardware(
 
 # This machine's CPU (an AMD EPYC with AVX2 and no AVX512-BF16) with one torch thread,
 # running microserve's own engine in float32 (what `--dtype auto` picks on such a CPU).
-# FITTED by benchmarks/fit_cpu_profile.py on 2026-11-25 (median error 14%, max 60% over
+# FITTED by benchmarks/fit_cpu_profile.py on 2026-11-25 (median error 7%, max 23% over
 # 19 cases: small-batch steps on one CPU thread are irregular; docs/simulation.md has the
-# table). peak_flops is the fastest fitted rate (attention's), so the GEMMs' share shows
-# as flops_efficiency; mem_bandwidth is the script's 256 MB read microbenchmark.
+# table). peak_flops is the fastest fitted rate (the GEMMs'), so attention's share shows
+# as attention_flops_efficiency; mem_bandwidth is the script's 256 MB read microbenchmark.
 CPU_1T_FITTED = dict(
-    peak_flops=3.69e10,
+    peak_flops=3.49e10,
     mem_bandwidth=1.1e10,
-    flops_efficiency=0.832,
-    attention_flops_efficiency=1.0,
-    bandwidth_efficiency=0.582,
-    attention_bandwidth_efficiency=0.127,
-    step_overhead_s=0.00516,
-    per_seq_overhead_s=1.2e-4,
+    flops_efficiency=1.0,
+    attention_flops_efficiency=0.725,
+    bandwidth_efficiency=0.412,
+    attention_bandwidth_efficiency=0.160,
+    single_row_bandwidth_efficiency=0.917,
+    step_overhead_s=0.00524,
+    per_seq_overhead_s=1.08e-4,
 )
 
 CPU_1T = Hardware(
