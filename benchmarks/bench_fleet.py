@@ -4,7 +4,8 @@
 
 For each fleet size it runs `microserve serve --simulate PROFILE --engines N` (engines in
 processes of 256, one router), then:
-- a lone request's TTFT, median of 10 one at a time: the floor a request pays anyway;
+- a lone request's TTFT: the median of 20 of the same requests at 1 req/s, so they rarely
+  overlap: the floor a request pays anyway;
 - `microserve bench` at --rate requests/s (Poisson), sonnet prompts of --input-len tokens
   and --output-len tokens out; router overhead = each request's TTFT minus the lone TTFT
   (p50 and p99), since at this load an engine rarely has more than one request;
@@ -62,22 +63,6 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def lone_ttft(url: str, model: str, prompt: str, output_len: int) -> float:
-    """Median TTFT (s) of 10 streamed requests sent one at a time."""
-    times = []
-    for _ in range(10):
-        body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "stream": True}
-        start = time.perf_counter()
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    times.append(time.perf_counter() - start)
-                    break
-            for _ in r.iter_lines():
-                pass
-    return statistics.median(times)
-
-
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -100,17 +85,21 @@ def run_fleet(n: int, args) -> dict:
         while metric(url, "microserve_router:engines_up") < n:
             time.sleep(0.5)
         pid = router_pid(serve.pid)
-        prompt = "Shall I compare thee to a summer's day? " * (args.input_len // 10)
-        lone = lone_ttft(url, args.profile, prompt, args.output_len)
+        def bench(name: str, rate: float, num: int) -> dict:
+            out = ROOT / f"results/fleet/{name}_{n}.json"
+            subprocess.run([str(BIN / "microserve"), "bench", "--url", url, "--workload", "sonnet", "--input-len",
+                            str(args.input_len), "--output-len", str(args.output_len), "--rate", str(rate),
+                            "--num-requests", str(num), "--seed", "1", "--no-progress", "--output", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+            return json.loads(out.read_text())["points"][0]
+
+        # The floor: the same requests one at a time (1 req/s; each is done in well under a second).
+        lone = bench("lone", 1.0, 20)
+        lone = statistics.median(r["ttft_ms"] / 1e3 for r in lone["requests"] if r.get("ttft_ms") is not None)
         time.sleep(2)
         cpu0, msgs0, t0 = cpu_seconds(pid), metric(url, "microserve_router:engine_messages"), time.monotonic()
-        out = ROOT / f"results/fleet/bench_{n}.json"
-        subprocess.run([str(BIN / "microserve"), "bench", "--url", url, "--workload", "sonnet", "--input-len",
-                        str(args.input_len), "--output-len", str(args.output_len), "--rate", str(args.rate),
-                        "--num-requests", str(args.num_requests), "--seed", "1", "--no-progress", "--output", str(out)],
-                       check=True, stdout=subprocess.DEVNULL)
+        point = bench("bench", args.rate, args.num_requests)
         cpu1, msgs1, t1 = cpu_seconds(pid), metric(url, "microserve_router:engine_messages"), time.monotonic()
-        point = json.loads(out.read_text())["points"][0]
         ttfts = [r["ttft_ms"] / 1e3 for r in point["requests"] if r.get("ttft_ms") is not None]
         s = point["summary"]
         overhead = [t - lone for t in ttfts]
@@ -121,7 +110,8 @@ def run_fleet(n: int, args) -> dict:
                 "cpu_ms_per_request": 1e3 * (cpu1 - cpu0) / max(1, s["completed"]),
                 "messages_per_s": (msgs1 - msgs0) / (t1 - t0), "router_rss_mb": rss_mb(pid)}
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
         try:
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -50,7 +50,9 @@ class Engine:
         self.messages = 0  # status and event messages received (to measure what following costs)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600, connect=5), headers=headers,
-                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                                         # kept below the engines' KEEP_ALIVE_S, so the engine never closes one being reused
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                                             keepalive_expiry=60))
 
     def __repr__(self) -> str:
         return f"Engine({self.url}, {self.role})"

@@ -154,16 +154,16 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                 o["finish"] = ch["finish_reason"] or o["finish"]
         return out
 
-    def tokenize(prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return tokenizer(prompt, add_special_tokens=True).input_ids
+    async def tokenize(prompt) -> list[int]:
+        if isinstance(prompt, str):  # in a thread: a long prompt would stall every stream this loop serves
+            return await asyncio.to_thread(lambda: tokenizer(prompt, add_special_tokens=True).input_ids)
         return list(prompt)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req.model)
         prompts = _as_prompt_list(req.prompt)  # each prompt is routed as its own request
-        ids_list = [tokenize(p) for p in prompts]
+        ids_list = [await tokenize(p) for p in prompts]
         if not all(ids_list):
             raise UserError("the prompt is empty")
         sampling = sampling_of(req, req.max_tokens, req.logprobs)
@@ -214,8 +214,13 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as e:
             raise UserError(str(e)) from None
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+
+        def chat_ids() -> list[int]:
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=req.add_generation_prompt)
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        ids = await asyncio.to_thread(chat_ids)  # off the event loop, as in tokenize
         max_tokens = req.max_completion_tokens or req.max_tokens
         first, chunks = await route(ids, sampling_of(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import secrets
 import signal
 import socket
@@ -26,10 +27,40 @@ def _split(items: list, size: int) -> list[list]:
     return [items[i : i + step] for i in range(0, len(items), step)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports for the engines, below the kernel's ephemeral range.
+
+    Ports the kernel hands out for port 0 (KV receivers, outgoing connections) come from the
+    ephemeral range, so a port taken there between now and the engine's bind could collide;
+    below it only explicit binds compete. Sockets stay open until all `n` are chosen so none repeats.
+    """
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    held: list[socket.socket] = []
+    try:
+        for port in candidates:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == n:
+                break
+        if len(held) < n:  # not enough below the range: let the kernel choose the rest
+            for _ in range(n - len(held)):
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def _die_with_parent() -> None:
@@ -109,7 +140,7 @@ def serve(args) -> int:
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
     try:
-        ports = [_free_port() for _ in range(n)]
+        ports = _free_ports(n)
         engine_urls = [f"http://127.0.0.1:{p}" for p in ports]
         # engines' own /v1 is for the cluster too: user keys go through the router
         engine_env = {**secret_env, "MICROSERVE_API_KEYS": token}

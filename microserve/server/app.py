@@ -14,6 +14,10 @@ from microserve.errors import UserError
 from microserve.server.openai_api import build_app
 from microserve.server.security import DEFAULT_MAX_BODY_BYTES, is_loopback
 
+# Idle connections stay open this long: a router in front of hundreds of engines reaches each
+# only every few seconds, and would otherwise reconnect for almost every request.
+KEEP_ALIVE_S = 75
+
 
 def served_model_name(model_path: str | None) -> str:
     if model_path is None:
@@ -58,4 +62,4 @@ def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 80
     logging.getLogger("microserve").info("serving %s on http://%s:%d (KV blocks: %d of %d tokens)",
                                          name, host, port, engine.pool.num_blocks, cfg.block_size)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
