@@ -91,13 +91,15 @@ def cmd_router(args) -> None:
         logging.getLogger("microserve").warning("serving on %s without --api-key: anyone who can reach it may use it",
                                                 args.host)
     raise_open_file_limit()
+    if not args.engine and not args.follow:
+        raise UserError("give the engines (--engine URL, repeated) or a router to follow (--follow URL)")
     cluster = Cluster(args.engine, roles, token=token)
     try:
         app = build_router_app(cluster, load_tokenizer(args.model),
                                args.served_model_name or served_model_name(args.model),
                                strategy=args.strategy, cluster_token=token, api_keys=keys,
                                max_active=args.max_active, max_queued=args.max_queued,
-                               max_body_bytes=args.max_body_bytes)
+                               max_body_bytes=args.max_body_bytes, follow=args.follow)
     except (ValueError, OSError, SyntaxError) as e:
         raise UserError(f"cannot load strategy {args.strategy!r}: {e}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
@@ -168,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_engine)
 
     r = sub.add_parser("router", help="an OpenAI-compatible front that splits requests across engines")
-    r.add_argument("--engine", action="append", required=True, help="an engine URL (repeat for each)")
+    r.add_argument("--engine", action="append", default=[], help="an engine URL (repeat for each)")
+    r.add_argument("--follow", default=None, metavar="ROUTER_URL",
+                   help="a replica: take the engines from this router's /admin/engines and follow its changes")
     r.add_argument("--roles", default=None, help="comma-separated role per engine: both, prefill or decode")
     r.add_argument("--strategy", default="round_robin", help="a built-in name or a path to a .py file")
     r.add_argument("--model", default=None, help="where the tokenizer comes from (default: the built-in model)")
@@ -197,9 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "before serve gives up")
     s.add_argument("--max-num-seqs", type=int, default=None, help="engines: most sequences in one batch")
     s.add_argument("--max-num-batched-tokens", type=int, default=None, help="engines: per-step token budget")
+    s.add_argument("--kv-cache-memory", default=None, help="engines: memory for each one's KV cache, e.g. 512MiB")
     s.add_argument("--simulate", default=None, metavar="PROFILE",
                    help="simulated engines (the real engine, forward pass by a cost model): e.g. "
                         "llama-3.1-70b-fp8@h100x4; see docs/simulation.md")
+    s.add_argument("--routers", type=int, default=1,
+                   help="routers on --port, --port+1, ...: replicas that follow the first one's engines")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="engines as Ray actors across a Ray cluster's nodes, the router here: no ADDRESS starts "
+                        "a local Ray instance, `auto` joins the running one (see docs/deploy.md)")
+    s.add_argument("--roles", default=None, help="comma-separated role per engine (both, prefill, decode); "
+                                                 "with --ray, sets the number of engines too")
+    s.add_argument("--engine-cpus", type=float, default=None,
+                   help="with --ray: CPUs per engine actor, also its torch threads (default 1; simulated 0)")
+    s.add_argument("--engine-gpus", type=float, default=0, help="with --ray: GPUs per engine actor")
+    s.add_argument("--engine-host", default=None,
+                   help="with --ray: the address engines listen on (default: their node's address)")
+    s.add_argument("--placement", action="append", default=None, metavar="ROLE:RESOURCE[=N]",
+                   help="with --ray: engines of ROLE go to nodes with this Ray resource (repeatable)")
     s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
     s.set_defaults(func=cmd_serve)
 

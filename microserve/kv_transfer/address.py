@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 
 from microserve.errors import UserError
+
+
+def local_node() -> str:
+    """The machine (or the Ray node) this process runs on. Two engines use the shm transport
+    only when their nodes match: a shared-memory path means the same pool only there."""
+    node = os.environ.get("MICROSERVE_NODE_ID")
+    if node:
+        return node
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 # Where engines put their shared KV pools (the shm transport).
@@ -39,6 +53,7 @@ class KVAddress:
     token: str
     shm: dict | None = None  # {"k": path, "v": path, "num_slots": n}: the receiver's pool, if on this host
     transport: str = "shm"  # what the receiver prefers: "shm" (falls back to tcp) or "tcp"
+    node: str | None = None  # the receiver's node (local_node()): shm only from an engine on the same one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +69,8 @@ class KVAddress:
         ints = [addr.port, addr.begin, addr.end, addr.offset, *block_ids]
         if not all(type(v) is int and v >= 0 for v in ints) or not 0 < addr.port < 65536:
             raise UserError("kv_addr_info: port, begin, end, offset and block_ids must be non-negative integers")
+        if addr.node is not None and not isinstance(addr.node, str):
+            raise UserError("kv_addr_info: node must be a string")
         if not all(isinstance(v, str) for v in (addr.request_id, addr.host, addr.token, addr.transport)):
             raise UserError("kv_addr_info: request_id, host, token and transport must be strings")
         if not isinstance(addr.fingerprint, dict):

@@ -7,7 +7,7 @@ import socket
 import time
 import torch
 
-from microserve.kv_transfer.address import KVAddress, TransferResult
+from microserve.kv_transfer.address import KVAddress, TransferResult, local_node
 from microserve.kv_transfer.progress import LayerProgress
 from microserve.kv_transfer.wire import TransferError, read_json, send_json, send_tensor
 
@@ -35,7 +35,9 @@ def send_kv(kv, source: LayerProgress, addr: KVAddress, fingerprint: dict, timeo
 
         return send_simulated(kv, source, addr, fingerprint, timeout)
     begin, end = addr.begin, addr.end
-    use_shm = addr.transport == "shm" and addr.shm is not None and os.path.exists(addr.shm["k"])
+    # Shared memory only on the receiver's own node (on another, the same path is another file, or none).
+    same_node = addr.node is None or addr.node == local_node()
+    use_shm = addr.transport == "shm" and addr.shm is not None and same_node and os.path.exists(addr.shm["k"])
     transport = "shm" if use_shm else "tcp"
     start = time.perf_counter()
     with socket.create_connection((addr.host, addr.port), timeout=timeout) as conn, conn.makefile("rb") as stream:

@@ -47,6 +47,9 @@ class Engine:
         self._next_event = 0
         self._instance = None  # the engine process we indexed; a restart empties its cache
         self.inflight = 0  # requests this router has on the engine right now (exact, unlike status)
+        self.calls = 0  # sub-request calls of this router under way on the engine (a drain waits for 0)
+        self.draining = False  # takes no new requests; removed once idle
+        self.node: str | None = None  # where it runs, when a launcher (Ray) says so
         self.messages = 0  # status and event messages received (to measure what following costs)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600, connect=5), headers=headers,
@@ -83,10 +86,13 @@ class Engine:
         return EngineDown(self, f"{type(e).__name__}: {e}")
 
     async def _post(self, path: str, body: dict) -> dict:
+        self.calls += 1
         try:
             r = await self._client.post(path, json=body)
         except httpx.TransportError as e:
             raise self._down(e) from None
+        finally:
+            self.calls -= 1
         if r.status_code != 200:
             raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"))
         return r.json()
@@ -103,6 +109,7 @@ class Engine:
         """Stream the engine's chunks (each with choices carrying text and token_ids)."""
         body = {**sampling, "request_id": request_id, "prompt": prompt, "begin": begin, "stream": True}
         self.inflight += 1
+        self.calls += 1
         try:
             async with self._client.stream("POST", "/microserving/start_generate", json=body) as r:
                 if r.status_code != 200:
@@ -118,6 +125,7 @@ class Engine:
             raise self._down(e) from None
         finally:
             self.inflight -= 1
+            self.calls -= 1
 
     async def abort(self, request_id: str) -> None:
         try:
@@ -158,6 +166,27 @@ class Engine:
             for h in hashes - self.cached:
                 self.index.add(h, self)
         self.cached = hashes
+
+    def describe(self) -> dict:
+        """What GET /admin/engines shows for this engine."""
+        s = self.status
+        total = s.get("num_blocks") or 0
+        return {"url": self.url, "role": self.role, "node": self.node, "healthy": self.healthy,
+                "draining": self.draining, "load": self.load, "running": s.get("running", 0),
+                "waiting": s.get("waiting", 0), "reservations": s.get("reservations", 0),
+                "kv_used": round(1 - s.get("free_blocks", total) / total, 4) if total else None}
+
+    def idle(self, status: dict) -> bool:
+        """Nothing of anyone's left on the engine: no call of this router under way, nothing
+        running or queued, no reservation (a prep_recv waiting for its KV and start_generate)."""
+        return self.calls == 0 and not (status.get("running") or status.get("waiting") or status.get("reservations"))
+
+    async def fetch_status(self) -> dict | None:
+        """The engine's status now (not the streamed one, which may be up to a tick old); None if unreachable."""
+        try:
+            return (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
+        except (httpx.HTTPError, ValueError):
+            return None
 
     async def refresh(self) -> None:
         """One poll of status and prefix-cache events (`watch` keeps them current without polling)."""
@@ -236,10 +265,13 @@ class Cluster:
                  token: str | None = None):
         roles = roles or ["both"] * len(urls)
         self.index = PrefixIndex()
+        self.token = token
         self.engines = [Engine(u, r, token, self.index) for u, r in zip(urls, roles)]
+        self.draining: list[Engine] = []  # out of rotation, finishing what they hold
         self.refresh_s = refresh_s  # how often a waiting caller looks again (fail-over)
         self._rr = 0
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[Engine, asyncio.Task] = {}  # each engine's status stream
+        self._started = False
 
     def set_roles(self, roles: list[str]) -> None:
         if len(roles) != len(self.engines) or not set(roles) <= {"both", "prefill", "decode"}:
@@ -284,13 +316,107 @@ class Cluster:
 
     async def start(self) -> None:
         await self.refresh()
-        self._tasks = [asyncio.create_task(e.watch()) for e in self.engines]
+        self._tasks = {e: asyncio.create_task(e.watch()) for e in self.engines}
+        self._started = True
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in self._tasks.values():
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(e.close() for e in self.engines))
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*(e.close() for e in self.engines + self.draining))
+        self._tasks = {}
+
+    # ------------------------------------------------------------ membership at run time
+    # Strategies read `self.engines` on every request, so they see a change on their next one.
+
+    def find(self, url: str) -> Engine | None:
+        url = url.rstrip("/")
+        return next((e for e in self.engines + self.draining if e.url == url), None)
+
+    async def add(self, url: str, role: str = "both", node: str | None = None) -> Engine:
+        """Take an engine into rotation once its status has been read."""
+        if role not in ("both", "prefill", "decode"):
+            raise ValueError("role must be one of both, prefill, decode")
+        if self.find(url) is not None:
+            raise ValueError(f"{url} is already a member")
+        engine = Engine(url, role, self.token, self.index)
+        engine.node = node
+        await engine.refresh()
+        if self._started:
+            self._tasks[engine] = asyncio.create_task(engine.watch())
+        self.engines.append(engine)
+        return engine
+
+    async def drain(self, engine: Engine, timeout_s: float | None = None) -> bool:
+        """Stop giving `engine` new requests, wait until nothing is left on it (the requests it
+        runs have finished, no reservation waits for KV), then remove it. True if it went idle,
+        False if `timeout_s` ran out first (it is removed anyway). An engine that cannot be
+        reached holds nothing worth waiting for: requests on it continue elsewhere (fail-over)."""
+        if engine in self.engines:
+            self.engines.remove(engine)
+            self.draining.append(engine)
+        engine.draining = True
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        idle = False
+        while not idle:
+            # Read the engine's own counts after this router's calls are done: a reservation made
+            # by a prep_recv that already returned shows there, one still under way shows in calls.
+            status = await engine.fetch_status() if engine.calls == 0 else None
+            idle = engine.calls == 0 and (status is None or engine.idle(status))
+            if not idle:
+                if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(self.refresh_s)
+        await self.remove(engine)
+        return idle
+
+    async def follow(self, primary_url: str, every_s: float = 1.0) -> None:
+        """Mirror another router's membership (GET /admin/engines) until cancelled: a replica
+        then sees the engines a fleet starts, drains and replaces through the primary."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with httpx.AsyncClient(base_url=primary_url.rstrip("/"), headers=headers, timeout=5) as client:
+            while True:
+                try:
+                    listed = (await client.get("/admin/engines")).raise_for_status().json()["engines"]
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    log.debug("cannot read the members of %s: %s", primary_url, e)
+                    listed = None  # keep what we have: the primary may be restarting
+                if listed is not None:
+                    await self._mirror(listed)
+                await asyncio.sleep(every_s)
+
+    async def _mirror(self, listed: list[dict]) -> None:
+        wanted = {m["url"].rstrip("/"): m for m in listed}
+        for engine in list(self.engines + self.draining):
+            m = wanted.get(engine.url)
+            if m is None or m["draining"]:  # leaving the primary: no new requests here either
+                if engine in self.engines:
+                    self.engines.remove(engine)
+                    self.draining.append(engine)
+                    engine.draining = True
+                if m is None and engine.calls == 0:  # gone, and nothing of ours on it: out
+                    await self.remove(engine)
+            elif engine.role != m["role"]:
+                engine.role = m["role"]
+        for url, m in wanted.items():
+            if self.find(url) is None and not m["draining"]:
+                try:
+                    await self.add(url, m["role"], m.get("node"))
+                except ValueError as e:
+                    log.warning("cannot follow engine %s: %s", url, e)
+
+    async def remove(self, engine: Engine) -> None:
+        """Out of the cluster now; calls under way on it fail over to other engines."""
+        for group in (self.engines, self.draining):
+            if engine in group:
+                group.remove(engine)
+        task = self._tasks.pop(engine, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        engine._set_cached(set())  # out of the prefix index
+        engine.healthy = False
+        await engine.close()
 
 
 def _json_or_text(r: httpx.Response) -> dict:

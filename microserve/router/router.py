@@ -8,13 +8,14 @@ import inspect
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from microserve.engine.microserving import Conflict, NotFound
 from microserve.errors import UserError
 from microserve.router import strategies
 from microserve.router.cluster import Cluster, EngineDown, EngineError
@@ -40,14 +41,19 @@ SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "prese
 def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str = "round_robin",
                      params: dict | None = None, cluster_token: str | None = None,
                      api_keys: list[str] | None = None, max_active: int | None = None, max_queued: int = 4096,
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, failover_wait_s: float = 30.0) -> FastAPI:
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, failover_wait_s: float = 30.0,
+                     fleet=None, follow: str | None = None) -> FastAPI:
+    """`fleet`, when given, starts and stops engines (e.g. Ray actors): it backs POST /admin/scale
+    and is started and stopped with the app (see microserve/router/ray_fleet.py). `follow`, the
+    URL of another router, makes this one a replica that mirrors that router's engines."""
     registry = CollectorRegistry()
     requests = Counter("microserve_router:requests", "Requests routed", ["strategy"], registry=registry)
     failures = Counter("microserve_router:request_errors", "Requests that failed", registry=registry)
     failovers = Counter("microserve_router:failovers", "Requests continued on another engine", registry=registry)
     rejected = Counter("microserve_router:rejected", "Requests refused with 429 (queue full)", registry=registry)
     # Enough in flight to fill every engine's batch and queue; the rest waits here, bounded.
-    admission = Admission(max_active or 256 * len(cluster.engines), max_queued)
+    engines_at_start = max(len(cluster.engines), getattr(fleet, "initial_size", 0), 1)
+    admission = Admission(max_active or 256 * engines_at_start, max_queued)
     ttft = Histogram("microserve_router:time_to_first_token_seconds", "Router-side TTFT",
                      buckets=LATENCY_BUCKETS, registry=registry)
     Gauge("microserve_router:engine_messages", "Status and prefix-cache messages received from engines",
@@ -60,7 +66,15 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
     @asynccontextmanager
     async def lifespan(app):
         await cluster.start()
+        if fleet is not None:
+            await fleet.start(cluster)
+        following = asyncio.create_task(cluster.follow(follow)) if follow else None
         yield
+        if following is not None:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+        if fleet is not None:
+            await fleet.stop()
         await cluster.stop()
 
     app = FastAPI(title="microserve router", lifespan=lifespan)
@@ -291,7 +305,69 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
         state["current"] = new  # requests already running keep the strategy they started with
         return {"name": new[0], "params": new[2], "roles": [e.role for e in cluster.engines]}
 
+    @app.get("/admin/engines")
+    async def list_engines():
+        return {"engines": [e.describe() for e in cluster.engines + cluster.draining]}
+
+    @app.post("/admin/engines")
+    async def change_engines(body: MembershipChange):
+        """add: into rotation; drain: no new requests, returns once what it holds has finished and
+        it is removed; remove: out now (its requests continue elsewhere)."""
+        if body.action == "add":
+            try:
+                engine = await cluster.add(body.url, body.role)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            if not engine.healthy:
+                await cluster.remove(engine)
+                raise UserError(f"engine {body.url} did not answer its status")
+            return engine.describe()
+        engine = cluster.find(body.url)
+        if engine is None:
+            raise NotFound(f"no engine {body.url} in this router")
+        if fleet is not None and fleet.owns(engine):  # an actor: stop it too
+            idle = await fleet.retire(engine, drain=body.action == "drain", timeout_s=body.timeout_s)
+        elif body.action == "drain":
+            idle = await cluster.drain(engine, body.timeout_s)
+        else:
+            await cluster.remove(engine)
+            idle = None
+        return {**engine.describe(), "drained": idle}
+
+    @app.post("/admin/scale")
+    async def scale(body: ScaleChange):
+        """Start or drain engines (a fleet's, e.g. Ray actors) until `role` has `engines` of them."""
+        if fleet is None:
+            raise Conflict("this router does not start engines (serve --ray does): add or drain them "
+                           "through POST /admin/engines")
+        from microserve.router.ray_fleet import FleetError
+
+        try:
+            started, drained = await fleet.scale(body.role, body.engines)
+        except FleetError as e:
+            return JSONResponse(error_body(str(e), "fleet_error"), status_code=503)
+        return {"role": body.role, "engines": [e.describe() for e in cluster.engines if e.role == body.role],
+                "started": [e.url for e in started], "drained": [e.url for e in drained]}
+
     return app
+
+
+class MembershipChange(BaseModel):
+    """Body of POST /admin/engines."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["add", "drain", "remove"]
+    url: str = Field(min_length=1, max_length=2048)
+    role: Literal["both", "prefill", "decode"] = "both"
+    timeout_s: float | None = Field(default=None, gt=0)  # drain: remove anyway after this long
+
+
+class ScaleChange(BaseModel):
+    """Body of POST /admin/scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["both", "prefill", "decode"]
+    engines: int = Field(ge=0, le=4096)
 
 
 class StrategyChange(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import random
 import secrets
@@ -120,14 +121,16 @@ def _wait_healthy(children: list[Child], urls: list[str], timeout: float = 600) 
 
 
 def serve(args) -> int:
-    n = args.engines
+    if getattr(args, "ray", None):
+        return serve_ray(args)
+    n = len(args.roles.split(",")) if args.roles else args.engines
     threads = max(1, (os.cpu_count() or 1) // n)
     token = (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN") or os.environ.get("MICROSERVE_ADMIN_TOKEN")
              or secrets.token_urlsafe(16))
     secret_env = {"MICROSERVE_CLUSTER_TOKEN": token}  # in the environment, not on command lines `ps` shows
     model = ["--model", args.model] if args.model else []
-    limits = []  # scheduler limits, passed to every engine
-    for flag in ("max_num_seqs", "max_num_batched_tokens"):
+    limits = []  # scheduler limits and KV memory, passed to every engine
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             limits += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     name = args.served_model_name or args.simulate or _default_name(args.model)
@@ -162,11 +165,14 @@ def serve(args) -> int:
                        "--served-model-name", name, "--log-level", "warning"]
         for url in engine_urls:
             router_args += ["--engine", url]
+        if args.roles:
+            router_args += ["--roles", args.roles]
         keys = ",".join(args.api_key or []) or os.environ.get("MICROSERVE_API_KEYS", "")
         router = Child("router", router_args, env={**secret_env, "MICROSERVE_API_KEYS": keys})
         children.append(router)
         url = f"http://{args.host}:{args.port}"
         _wait_healthy([router], [url])
+        children += _start_replicas(args, url, {**secret_env, "MICROSERVE_API_KEYS": keys}, model, name)
         what = (f"{n} simulated {args.simulate} engines" if args.simulate
                 else f"{n} engines ({threads} thread{'s' if threads != 1 else ''} each)")
         print(_banner(url, name, what, args.strategy, token, keys.split(",")[0] if keys else "none"),
@@ -196,6 +202,17 @@ def serve(args) -> int:
             c.wait(timeout=15)
 
 
+def _start_replicas(args, primary: str, env: dict, model: list[str], name: str) -> list[Child]:
+    """`--routers N`: N - 1 more routers on the next ports, each following the first one's engines."""
+    replicas = []
+    for i in range(1, getattr(args, "routers", 1) or 1):
+        replicas.append(Child(f"router-{i}", ["router", *model, "--port", str(args.port + i), "--host", args.host,
+                                              "--strategy", args.strategy, "--served-model-name", name,
+                                              "--follow", primary, "--log-level", "warning"], env=env))
+    _wait_healthy(replicas, [f"http://{args.host}:{args.port + i}" for i in range(1, len(replicas) + 1)])
+    return replicas
+
+
 def _default_name(model: str | None) -> str:
     from microserve.server.app import served_model_name
 
@@ -222,3 +239,89 @@ microserve is up: {what} behind a router using `{strategy}`.
 
 Ctrl-C stops every process.
 """
+
+
+def serve_ray(args) -> int:
+    """`serve --ray`: engines as Ray actors across the cluster's nodes, the router in this process."""
+    import asyncio
+
+    import ray
+    import uvicorn
+
+    from microserve.models.loader import load_tokenizer
+    from microserve.router.cluster import Cluster
+    from microserve.router.ray_fleet import RayFleet
+    from microserve.router.router import build_router_app
+
+    token = (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN") or os.environ.get("MICROSERVE_ADMIN_TOKEN")
+             or secrets.token_urlsafe(16))
+    name = args.served_model_name or args.simulate or _default_name(args.model)
+    roles = args.roles.split(",") if args.roles else ["both"] * args.engines
+    if not set(roles) <= {"both", "prefill", "decode"}:
+        print("microserve: error: --roles takes both, prefill or decode per engine", file=sys.stderr)
+        return 2
+    cpus = args.engine_cpus if args.engine_cpus is not None else (0 if args.simulate else 1)
+    engine_argv = [*(["--model", args.model] if args.model else []), "--served-model-name", name,
+                   "--log-level", "warning"]
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        if getattr(args, flag, None):
+            engine_argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.simulate:
+        engine_argv += ["--simulate", args.simulate]
+    else:
+        engine_argv += ["--dtype", args.dtype, "--threads", str(max(1, int(cpus)))]
+    keys = ",".join(args.api_key or []) or os.environ.get("MICROSERVE_API_KEYS", "")
+    # "local" starts a private Ray instance (stopped with us), "auto" joins the running one.
+    ray.init(address=args.ray, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        fleet = RayFleet(engine_argv, roles, host=args.engine_host,
+                         env={"MICROSERVE_CLUSTER_TOKEN": token, "MICROSERVE_API_KEYS": token},
+                         num_cpus=cpus, num_gpus=args.engine_gpus, resources=_placement(args.placement))
+        cluster = Cluster([], token=token)
+        app = build_router_app(cluster, load_tokenizer(args.model), name, strategy=args.strategy,
+                               cluster_token=token, api_keys=keys.split(",") if keys else None, fleet=fleet)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               access_log=False, timeout_graceful_shutdown=5, backlog=4096))
+
+        async def main():
+            task = asyncio.create_task(server.serve())
+            while not server.started and not task.done():
+                await asyncio.sleep(0.2)
+            if server.started:
+                replicas.extend(await asyncio.to_thread(
+                    _start_replicas, args, f"http://{args.host}:{args.port}",
+                    {"MICROSERVE_CLUSTER_TOKEN": token, "MICROSERVE_API_KEYS": keys},
+                    ["--model", args.model] if args.model else [], name))
+                nodes = len({e.node for e in cluster.engines})
+                what = f"{len(cluster.engines)} engines as Ray actors on {nodes} node{'s' if nodes != 1 else ''}"
+                print(_banner(f"http://{args.host}:{args.port}", name, what, args.strategy, token,
+                              keys.split(",")[0] if keys else "none"), flush=True)
+            await task
+
+        replicas: list[Child] = []
+        stop = lambda *_: setattr(server, "should_exit", True)  # noqa: E731
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            asyncio.run(main())
+        finally:
+            for c in replicas:
+                c.stop()
+            for c in replicas:
+                c.wait(timeout=15)
+        return 0 if server.started else 1
+    finally:
+        ray.shutdown()
+
+
+def _placement(specs: list[str] | None) -> dict[str, dict[str, float]]:
+    """--placement ROLE:RESOURCE[=AMOUNT] (repeatable): engines of ROLE only on nodes that offer
+    the Ray resource (e.g. a node started with --resources '{"prefill_node": 8}')."""
+    out: dict[str, dict[str, float]] = {}
+    for spec in specs or []:
+        role, _, res = spec.partition(":")
+        res, _, amount = res.partition("=")
+        if role not in ("both", "prefill", "decode") or not res:
+            raise SystemExit(f"microserve: error: --placement {spec!r}: expected ROLE:RESOURCE[=AMOUNT]")
+        out.setdefault(role, {})[res] = float(amount or 1)
+    return out

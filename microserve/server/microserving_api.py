@@ -6,6 +6,7 @@ Prompts are token ids; `request_id` names the same request on every engine.
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import time
 import uuid
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
-from microserve.kv_transfer.address import KVAddress, layout_fingerprint
+from microserve.kv_transfer.address import KVAddress, layout_fingerprint, local_node
 from microserve.kv_transfer.progress import LayerProgress
 from microserve.kv_transfer.receiver import KVReceiver
 from microserve.kv_transfer.sender import send_kv
@@ -74,6 +75,7 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
     fingerprint = layout_fingerprint(cfg.name, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, kv.block_size)
     receiver = KVReceiver(kv, fingerprint, engine.microserving, host=host)
     instance = uuid.uuid4().hex  # changes when the engine restarts: routers then drop what they knew
+    node = local_node()
     shm = {"k": kv.paths["k"], "v": kv.paths["v"], "num_slots": kv.num_slots} if kv.paths else None
 
     @app.post("/microserving/prep_recv")
@@ -81,7 +83,7 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         r = await aengine.call(lambda: engine.microserving.prep_recv(req.request_id, req.prompt, req.end, req.lease_s))
         addr = KVAddress(request_id=req.request_id, host=receiver.host, port=receiver.port, block_ids=r["block_ids"],
                          begin=r["begin"], end=r["end"], offset=r["offset"], fingerprint=fingerprint,
-                         token=r["token"], shm=shm, transport=transport if shm else "tcp")
+                         token=r["token"], shm=shm, transport=transport if shm else "tcp", node=node)
         return {"kv_addr_info": addr.to_dict(), "prefix_matched_length": r["prefix_matched_length"],
                 "prompt_length": r["prompt_length"]}
 
@@ -168,10 +170,10 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         return {"ok": True, "found": found}
 
     def status_now() -> dict:
-        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint, "instance": instance,
+        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": fingerprint, "instance": instance, "pid": os.getpid(),
                 "healthy": aengine.healthy,
                 "max_model_len": engine.max_model_len,
-                "kv_transfer": {"host": receiver.host, "port": receiver.port, "shm": shm is not None}}
+                "kv_transfer": {"host": receiver.host, "port": receiver.port, "shm": shm is not None, "node": node}}
 
     @app.get("/microserving/status")
     async def status():
