@@ -274,7 +274,9 @@ def serve_ray(args) -> int:
     # "local" starts a private Ray instance (stopped with us), "auto" joins the running one.
     ray.init(address=args.ray, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        fleet = RayFleet(engine_argv, roles, host=args.engine_host,
+        # A private local instance stays on this machine: engines on 127.0.0.1 unless told otherwise.
+        engine_host = args.engine_host or ("127.0.0.1" if args.ray == "local" else None)
+        fleet = RayFleet(engine_argv, roles, host=engine_host,
                          env={"MICROSERVE_CLUSTER_TOKEN": token, "MICROSERVE_API_KEYS": token},
                          num_cpus=cpus, num_gpus=args.engine_gpus, resources=_placement(args.placement))
         cluster = Cluster([], token=token)
@@ -284,7 +286,7 @@ def serve_ray(args) -> int:
                                                access_log=False, timeout_graceful_shutdown=5, backlog=4096))
 
         async def main():
-            task = asyncio.create_task(server.serve())
+            task = asyncio.create_task(serve_quietly())
             while not server.started and not task.done():
                 await asyncio.sleep(0.2)
             if server.started:
@@ -297,6 +299,12 @@ def serve_ray(args) -> int:
                 print(_banner(f"http://{args.host}:{args.port}", name, what, args.strategy, token,
                               keys.split(",")[0] if keys else "none"), flush=True)
             await task
+
+        async def serve_quietly():
+            try:
+                await server.serve()
+            except SystemExit:  # start-up failed; uvicorn has logged why
+                pass
 
         replicas: list[Child] = []
         stop = lambda *_: setattr(server, "should_exit", True)  # noqa: E731

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 
 import uvicorn
 
@@ -58,8 +59,9 @@ def run_simulated_engines(cfg: EngineConfig, ports: list[int], host: str = "127.
             for s in servers:
                 s.should_exit = True
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+        if threading.current_thread() is threading.main_thread():  # in a Ray actor's thread: Ray stops us
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop)
         await asyncio.gather(*(s.serve() for s in servers))
 
     asyncio.run(main())
