@@ -139,6 +139,9 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     seed: int = 0
     kv_shared: bool = False  # KV pool in shared memory, so peers on this host can write into it
+    # Batch-invariant kernels: a request's tokens and logprobs do not depend on the batch, the
+    # prefill chunking, the prefix cache or which engine computed its KV (models/deterministic.py).
+    deterministic: bool = False
     simulate: str | None = None  # a profile name (microserve/sim/profiles.py): the cost model replaces the model
 
     def __post_init__(self):

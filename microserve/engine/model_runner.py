@@ -7,6 +7,7 @@ import torch
 from microserve.config import EngineConfig
 from microserve.engine.request import Request
 from microserve.errors import UserError
+from microserve.models.deterministic import make_batch_invariant
 from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
 from microserve.models.loader import LoadedModel
 from microserve.sampling import SampleResult, Sampler
@@ -36,6 +37,9 @@ class ModelRunner:
         self.kv = KVCache(loaded.config, num_blocks, cfg.block_size, loaded.dtype, loaded.device,
                           shared=cfg.kv_shared)
         self.sampler = Sampler(cfg.seed)
+        self.deterministic = cfg.deterministic
+        if cfg.deterministic:
+            make_batch_invariant(self.model)
         self.model.warm_up_packed_linears(max(cfg.max_num_batched_tokens, cfg.max_num_seqs), cfg.max_num_seqs)
 
     @property
@@ -60,7 +64,7 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_reqs.append((req, end))
             else:
-                ctx = None if start == 0 else self._context_slots(table, end)
+                ctx = None if start == 0 and not self.deterministic else self._context_slots(table, end)
                 prefills.append(PrefillSeq(row, row + n, end, ctx))
             row += n
             if end == req.num_tokens and not req.prefill_only:  # the next token is due
@@ -68,7 +72,8 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         dev = self.device
-        attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs)
+        attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs,
+                                 deterministic=self.deterministic)
         if decode_rows:
             attn.decode_groups = self._decode_groups(decode_rows, decode_reqs, whole_batch=not prefills)
         # Prompts computed only to be sent: their transfer may start layer by layer.
@@ -128,4 +133,5 @@ class ModelRunner:
             rows=None if rows is None else torch.tensor(rows, device=self.device),
             blocks=torch.tensor(table, device=self.device),
             mask=mask[:, None, None, :],
+            lengths=lengths,
         )

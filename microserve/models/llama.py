@@ -17,6 +17,7 @@ from torch import nn
 
 from microserve.config import ModelConfig
 from microserve.errors import UserError
+from microserve.models.deterministic import fixed_order_attention, gemm_rows, padded_rows_call
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DecodeGroup:
     rows: torch.Tensor | None  # [B] rows in the flat batch; None when the group is the whole batch, in order
     blocks: torch.Tensor  # [B, max_blocks] block tables, padded
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True where a key is real
+    lengths: torch.Tensor | None = None  # [B] context length of each (with its new token)
 
 
 @dataclass
@@ -47,6 +49,8 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     block_size: int = 16
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # Batch-invariant attention (models/deterministic.py); prefills then always carry context_slots.
+    deterministic: bool = False
 
 
 class KVCache:
@@ -277,6 +281,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def paged_attention(q, k, v, attn: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached context."""
+    if attn.deterministic:
+        return fixed_order_attention(q, attn, k_cache, v_cache)
     groups = attn.decode_groups
     if len(groups) == 1 and groups[0].rows is None:  # a pure decode step in one group
         return _decode_attention(q, groups[0], attn.block_size, k_cache, v_cache)
@@ -326,6 +332,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.packed_lm_head = None
+        self.batch_invariant = False  # set by models/deterministic.make_batch_invariant
         self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) per position
 
     def set_rope_freqs(self, inv_freq: torch.Tensor) -> None:
@@ -361,6 +368,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and gemm_rows(hidden.shape[0]) != hidden.shape[0]:
+            return padded_rows_call(self.compute_logits, hidden)
         if self.packed_lm_head is not None:
             return self.packed_lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
