@@ -79,7 +79,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits, rows) -> list[SampleResult]:
-        """`logits` [B, V] float32; `rows[i]` has `.params`, `.generator` (or None), `.prompt_ids`, `.output_ids`."""
+        """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`."""
         import torch
 
         b = logits.shape[0]
@@ -121,16 +121,24 @@ class Sampler:
         if any(r.params.top_k != -1 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
             logits = _top_k_top_p_min_p(logits, rows)
         probs = torch.softmax(logits, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded request
-        # draws its noise from its own generator, so its samples do not depend on the batch.
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded request's
+        # noise for its k-th token comes from (seed, k) alone, so its samples depend neither on
+        # the batch nor on the engine: a request resumed or continued elsewhere draws the same.
         noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
         if unseeded:
             noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
         for i, r in enumerate(rows):
-            if r.generator is not None:
-                noise[i].exponential_(generator=r.generator)
+            if r.seed is not None:
+                noise[i].exponential_(generator=torch.Generator().manual_seed(token_seed(r.seed, len(r.output_ids))))
         return (probs / noise).argmax(dim=-1)
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A 64-bit generator seed for output token `index` of a request seeded with `seed`."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
 
 
 def _apply_penalties(row_logits, r):

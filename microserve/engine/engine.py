@@ -90,9 +90,6 @@ class LLMEngine:
         reserved = self.microserving.take(request_id, prompt_ids)
         seqs = []
         for i in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed(params.seed + i)
             seqs.append(Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 group_id=request_id,
@@ -101,7 +98,7 @@ class LLMEngine:
                 num_prompt_tokens=len(prompt_ids),
                 params=params,
                 eos_token_ids=self.eos_token_ids,
-                generator=generator,
+                seed=None if params.seed is None else params.seed + i,
                 wait_for=seqs[0] if i else None,
             ))
         if resume is not None and resume[0]:

@@ -27,7 +27,7 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
-    generator: object | None = None  # a torch.Generator for seeded sampling
+    seed: int | None = None  # seeded sampling: token k's noise comes from (seed, k)
 
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"

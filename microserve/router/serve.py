@@ -133,6 +133,8 @@ def serve(args) -> int:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             limits += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if getattr(args, "deterministic", False) and not args.simulate:
+        limits.append("--deterministic")
     name = args.served_model_name or args.simulate or _default_name(args.model)
     children: list[Child] = []
     stopping = threading.Event()
@@ -266,6 +268,8 @@ def serve_ray(args) -> int:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             engine_argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if getattr(args, "deterministic", False) and not args.simulate:
+        engine_argv.append("--deterministic")
     if args.simulate:
         engine_argv += ["--simulate", args.simulate]
     else:
