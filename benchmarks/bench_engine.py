@@ -1,10 +1,13 @@
 """Engine throughput beside HF transformers on the same weights and dtype, in the same run.
 
     python benchmarks/bench_engine.py [--model PATH] [--dtype bfloat16] [--threads 2] [--repeats 3]
+                                      [--deterministic] [--baseline hf|default]
 
 Prints prefill tokens/s (512, 2048 tokens), decode tokens/s at batch 1, 8, 32 and a
 continuous-batching run (64 requests, prompts 128-1024 tokens, outputs 64-256), each
-as ours / HF / ratio, and writes the numbers as JSON (--output).
+as ours / baseline / ratio, and writes the numbers as JSON (--output). The baseline is HF
+transformers, or with `--baseline default` our engine with default settings (so
+`--deterministic --baseline default` measures what batch-invariant kernels cost).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ def random_prompt(rng, n, vocab):
 
 
 class Ours:
-    def __init__(self, args):
+    def __init__(self, args, deterministic: bool):
         self.engine = LLMEngine(EngineConfig(
             model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory="4GiB",
             max_num_batched_tokens=2048, max_num_seqs=64, enable_prefix_caching=False,
+            deterministic=deterministic,
         ), progress=False)
         self.vocab = self.engine.model_config.vocab_size
         self.n = 0
@@ -60,10 +64,27 @@ class Ours:
             self.engine.step()
 
 
+class OursDefault:
+    """Our engine with default settings, in the baseline's place."""
+
+    name = "default"
+
+    def __init__(self, args):
+        self.ours = Ours(args, deterministic=False)
+
+    def prefill(self, prompt):
+        self.ours.run([prompt], [1])
+
+    def generate(self, prompts, new_tokens):
+        self.ours.run(prompts, [new_tokens] * len(prompts))
+
+
 # ------------------------------------------------------------------ HF transformers
 
 
 class HF:
+    name = "HF"
+
     def __init__(self, args, dtype):
         from transformers import AutoModelForCausalLM
 
@@ -128,7 +149,11 @@ def bench_continuous(ours, hf, rng, rows, num=64, hf_batch=8):
     ours.run(prompts, outs)
     t_ours = time.perf_counter() - t
     t_hf = None
-    if hf:
+    if isinstance(hf, OursDefault):
+        t = time.perf_counter()
+        hf.ours.run(prompts, outs)
+        t_hf = time.perf_counter() - t
+    elif hf:
         # HF has no continuous batching: static batches in arrival order, each running
         # until its longest output is done; only the tokens each request asked for count.
         t = time.perf_counter()
@@ -159,7 +184,10 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="no baseline column")
+    ap.add_argument("--deterministic", action="store_true", help="our engine with batch-invariant kernels")
+    ap.add_argument("--baseline", choices=["hf", "default"], default="hf",
+                    help="the second column: HF transformers, or our engine with default settings")
     ap.add_argument("--only", default="prefill,decode,continuous")
     ap.add_argument("--output", default="results/bench_engine.json")
     args = ap.parse_args()
@@ -167,8 +195,8 @@ def main():
     rng = random.Random(0)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
 
-    ours = Ours(args)
-    hf = None if args.skip_hf else HF(args, dtype)
+    ours = Ours(args, args.deterministic)
+    hf = None if args.skip_hf else (OursDefault(args) if args.baseline == "default" else HF(args, dtype))
     rows, extra = [], {}
     only = args.only.split(",")
     if "prefill" in only:
@@ -179,14 +207,16 @@ def main():
         extra["continuous"] = bench_continuous(ours, hf, rng, rows)
 
     hw = hardware_line(args.threads)
-    print(f"\n{hw}; model {ours.engine.model_config.name}, {args.dtype}")
-    print(f"{'measure':52} {'microserve':>11} {'HF':>9} {'ratio':>7}")
+    mode = " --deterministic" if args.deterministic else ""
+    print(f"\n{hw}; model {ours.engine.model_config.name}, {args.dtype}{mode}")
+    print(f"{'measure':52} {'microserve':>11} {hf.name if hf else '-':>9} {'ratio':>7}")
     for name, a, b in rows:
         ratio = f"{a / b:6.2f}x" if b else "   -"
         print(f"{name:52} {a:11.1f} {b if b else float('nan'):9.1f} {ratio:>7}")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"hardware": hw, "dtype": args.dtype, "rows": rows, **extra}, f, indent=2)
+        json.dump({"hardware": hw, "dtype": args.dtype, "deterministic": args.deterministic,
+                   "baseline": hf.name if hf else None, "rows": rows, **extra}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,9 @@ def fixed_order_attention(q, attn, k_cache, v_cache) -> torch.Tensor:
         per_call = max(1, MAX_TILE_ELEMENTS // (q.shape[1] * slots.shape[0]))
         for s in range(0, n, per_call):  # each query's result is the same in any slice
             e = min(n, s + per_call)
-            out[p.start + s : p.start + e] = attend(q[None, p.start + s : p.start + e], ks, vs, positions[:, s:e], chunk)[0]
+            keys = -(-(p.context_len - n + e) // chunk) * chunk  # causal: later chunks are all masked here
+            out[p.start + s : p.start + e] = attend(q[None, p.start + s : p.start + e], ks[:, :keys], vs[:, :keys],
+                                                    positions[:, s:e], chunk)[0]
     return out
 
 
