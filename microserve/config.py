@@ -121,6 +121,10 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+# How a GGUF file's weights are kept (models/quant.py): auto keeps the file's own formats on CPU.
+QUANTIZATION_CHOICES = ("auto", "none")
+
+
 @dataclass
 class EngineConfig:
     """How one engine runs a model."""
@@ -142,6 +146,7 @@ class EngineConfig:
     # Batch-invariant kernels: a request's tokens and logprobs do not depend on the batch, the
     # prefill chunking, the prefix cache or which engine computed its KV (models/deterministic.py).
     deterministic: bool = False
+    quantization: str = "auto"  # auto | none: a GGUF file's linears in its own formats, or dequantized
     simulate: str | None = None  # a profile name (microserve/sim/profiles.py): the cost model replaces the model
 
     def __post_init__(self):
@@ -153,5 +158,7 @@ class EngineConfig:
             raise UserError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise UserError(f"unknown dtype {self.dtype!r} (choose auto, float32, bfloat16 or float16)")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise UserError(f"unknown quantization {self.quantization!r} (choose {', '.join(QUANTIZATION_CHOICES)})")
         if self.num_threads is None and os.environ.get("MICROSERVE_THREADS"):
             self.num_threads = int(os.environ["MICROSERVE_THREADS"])

@@ -10,6 +10,11 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Build (or find cached) the C++ kernels before any test starts an engine process that needs them.
+from microserve import kernels  # noqa: E402
+
+kernels.load()
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,

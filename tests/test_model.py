@@ -68,7 +68,8 @@ def test_gguf_greedy_matches_transformers_gguf(builtin_gguf):
     hf = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(builtin_gguf), gguf_file=os.path.basename(builtin_gguf), dtype=torch.float32
     ).eval()
-    loaded = load_model(builtin_gguf, dtype="float32", device="cpu", progress=False)
+    # The dequantized path is the reference; the GGUF-format path is checked against it in test_quantization.py.
+    loaded = load_model(builtin_gguf, dtype="float32", device="cpu", progress=False, quantization="none")
     tok = loaded.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     prompts = [tok(t).input_ids for t in texts]
@@ -82,7 +83,7 @@ def test_gguf_greedy_matches_transformers_gguf(builtin_gguf):
 
 
 def test_gguf_config_and_tokenizer(builtin_gguf):
-    loaded = load_model(builtin_gguf, dtype="bfloat16", device="cpu", progress=False)
+    loaded = load_model(builtin_gguf, dtype="bfloat16", device="cpu", progress=False, quantization="none")
     cfg = loaded.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0

@@ -28,7 +28,8 @@ class LLMEngine:
             self.loaded = loaded or load_simulated(cfg)
             self.runner = SimRunner(self.loaded, cfg)
         else:
-            self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress)
+            self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress,
+                                                 quantization=cfg.quantization)
             self.runner = ModelRunner(self.loaded, cfg)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

@@ -40,6 +40,8 @@ class ModelRunner:
         self.deterministic = cfg.deterministic
         if cfg.deterministic:
             make_batch_invariant(self.model)
+        # Decode-only steps in one C++ call (models/llama.py decode_step), unless a mode needs the Python path.
+        self.fuse_decode = self.model.can_fuse_decode() and not cfg.deterministic
         self.model.warm_up_packed_linears(max(cfg.max_num_batched_tokens, cfg.max_num_seqs), cfg.max_num_seqs)
 
     @property
@@ -72,6 +74,12 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         dev = self.device
+        if not prefills and self.fuse_decode and all(req.kv_progress is None for req, _ in items):
+            hidden = self.model.decode_step(
+                torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
+                self._block_tables([req for req, _ in decode_reqs]), torch.tensor([end for _, end in decode_reqs]),
+                self.kv)
+            return self._sample(items, hidden, sample_rows, sample_reqs)
         attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs,
                                  deterministic=self.deterministic)
         if decode_rows:
@@ -86,6 +94,10 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), attn, self.kv, layer_hook=hook
         )
+        return self._sample(items, hidden, sample_rows, sample_reqs)
+
+    def _sample(self, items, hidden, sample_rows, sample_reqs) -> list[SampleResult | None]:
+        dev = self.device
         results: list[SampleResult | None] = [None] * len(items)
         if sample_reqs:
             if len(sample_rows) != hidden.shape[0]:
@@ -96,6 +108,11 @@ class ModelRunner:
                 if req.num_computed_tokens + n == req.num_tokens and not req.prefill_only:
                     results[i] = next(sampled)
         return results
+
+    def _block_tables(self, reqs: list[Request]) -> torch.Tensor:
+        """[B, longest] block tables, padded with block 0 (never read past a sequence's length)."""
+        width = max(len(req.block_ids) for req in reqs)
+        return torch.tensor([req.block_ids + [0] * (width - len(req.block_ids)) for req in reqs])
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         blocks = torch.tensor(table[: -(-length // self.block_size)], device=self.device)

@@ -150,11 +150,18 @@ def make_batch_invariant(model) -> None:
     """Switch a loaded model to the batch-invariant kernels, after checking they hold here."""
     if model.batch_invariant:
         return
+    quantized = [model.quant_lm_head] if model.quant_lm_head is not None else []
     for layer in model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            setattr(layer, name, PaddedRowsLinear(getattr(layer, name)))
+            lin = getattr(layer, name)
+            if hasattr(lin, "make_batch_invariant"):
+                quantized.append(lin)
+            else:
+                setattr(layer, name, PaddedRowsLinear(lin))
+    for lin in quantized:  # GGUF-format layers: their own kernels, kept on the batch-invariant path
+        lin.make_batch_invariant()
     model.batch_invariant = True
-    check_batch_invariance(model, model.embed_tokens.weight.dtype)
+    check_batch_invariance(model, model.dtype)
 
 
 def check_batch_invariance(model, dtype) -> None:

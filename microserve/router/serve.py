@@ -21,6 +21,15 @@ RESTART_WINDOW_S = 300
 SIM_ENGINES_PER_PROCESS = 256  # simulated engines hosted by one process
 
 
+def _numerics_flags(args) -> list[str]:
+    """--deterministic and --quantization, passed to every real (not simulated) engine."""
+    if args.simulate:
+        return []
+    flags = ["--deterministic"] if getattr(args, "deterministic", False) else []
+    quantization = getattr(args, "quantization", "auto")
+    return flags + ([] if quantization == "auto" else ["--quantization", quantization])
+
+
 def _split(items: list, size: int) -> list[list]:
     """`items` in consecutive groups of at most `size`, as even as possible."""
     k = -(-len(items) // size)
@@ -133,8 +142,7 @@ def serve(args) -> int:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             limits += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if getattr(args, "deterministic", False) and not args.simulate:
-        limits.append("--deterministic")
+    limits += _numerics_flags(args)
     name = args.served_model_name or args.simulate or _default_name(args.model)
     children: list[Child] = []
     stopping = threading.Event()
@@ -268,8 +276,7 @@ def serve_ray(args) -> int:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             engine_argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if getattr(args, "deterministic", False) and not args.simulate:
-        engine_argv.append("--deterministic")
+    engine_argv += _numerics_flags(args)
     if args.simulate:
         engine_argv += ["--simulate", args.simulate]
     else:

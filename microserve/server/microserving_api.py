@@ -72,6 +72,8 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
     cfg = engine.model_config
     kv = engine.runner.kv
     dtype = str(engine.loaded.dtype).removeprefix("torch.")
+    if getattr(engine.loaded, "quantization", "none") != "none":  # another model numerically: no KV mixing
+        dtype += f"+{engine.loaded.quantization}-weights"
     fingerprint = layout_fingerprint(cfg.name, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, kv.block_size)
     receiver = KVReceiver(kv, fingerprint, engine.microserving, host=host)
     instance = uuid.uuid4().hex  # changes when the engine restarts: routers then drop what they knew

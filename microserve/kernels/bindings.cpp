@@ -1,0 +1,11 @@
+// The Python module: microserve.kernels.load() returns it.
+#include "decode_step.h"
+#include "quant_linear.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("repack", &repack, "GGUF blocks to the kernels' layout");
+  m.def("dequantize", &dequantize, "repacked weight rows to float32");
+  m.def("linear", &linear, "y = x W^T (+ bias) on a repacked GGUF-format weight");
+  m.def("has_avx2", &has_avx2);
+  bind_decode_step(m);
+}

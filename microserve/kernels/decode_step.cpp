@@ -1,0 +1,214 @@
+// One decode step (every sequence in the batch has one new token) of a Llama-family decoder,
+// all layers in C++.
+//
+// At batch 1 a layer's arithmetic takes less time than the ~40 PyTorch calls the Python model
+// makes for it, so the step runs here: norms, rope, the paged KV write, attention over the
+// block table and the residuals are plain loops; the linears call the GGUF-format kernels
+// (quant_linear.cpp) or BLAS for float32 weights. Same math as models/llama.py, in float32;
+// the prefill path and every other case stay in Python.
+
+#include "decode_step.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "quant_linear.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MS_AVX2 1
+#endif
+
+namespace {
+
+struct Linear {
+  torch::Tensor weight;  // repacked GGUF-format bytes, or float32 [out, in] when type is 0
+  int64_t type;
+  int64_t gemm_from;
+  c10::optional<torch::Tensor> bias;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (type == 0) return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    return linear(x, weight, type, bias, gemm_from);
+  }
+};
+
+struct Layer {
+  Linear qkv, o, gate_up, down;
+  torch::Tensor input_norm, post_norm;
+  c10::optional<torch::Tensor> q_norm, k_norm;
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef MS_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+// y[i] += a * x[i]
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+// out = x / rms(x) * w, row by row (out may be x).
+void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+    float inv = 1.f / std::sqrt(ss / float(n) + eps);
+    for (int64_t i = 0; i < n; i++) out[r * n + i] = (xr[i] * inv) * w[i];
+  }
+}
+
+// x * cos + rotate_half(x) * sin for one head of d values (sin already signed: [-sin, sin]).
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  float tmp[512];
+  int64_t half = d / 2;
+  for (int64_t i = 0; i < d; i++) tmp[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
+  std::memcpy(x, tmp, d * sizeof(float));
+}
+
+class DecodeStep {
+ public:
+  DecodeStep(int64_t hq, int64_t hkv, int64_t d, int64_t inter, double eps)
+      : hq_(hq), hkv_(hkv), d_(d), inter_(inter), eps_(float(eps)) {
+    TORCH_CHECK(d <= 512 && hq % hkv == 0, "unsupported head layout");
+  }
+
+  void add_layer(std::vector<torch::Tensor> weights, std::vector<int64_t> types, std::vector<int64_t> gemm_from,
+                 c10::optional<torch::Tensor> qkv_bias, torch::Tensor input_norm, torch::Tensor post_norm,
+                 c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm) {
+    TORCH_CHECK(weights.size() == 4 && types.size() == 4 && gemm_from.size() == 4, "four linears per layer");
+    auto lin = [&](int i, c10::optional<torch::Tensor> bias) { return Linear{weights[i], types[i], gemm_from[i], bias}; };
+    layers_.push_back(Layer{lin(0, qkv_bias), lin(1, {}), lin(2, {}), lin(3, {}), input_norm.contiguous(),
+                            post_norm.contiguous(), q_norm, k_norm});
+  }
+
+  // x: [B, hidden] embeddings of the new tokens; cos, sin: [B, d] for their positions;
+  // k_cache, v_cache: [layers, slots, hkv, d]; slots: [B] where the new tokens' KV goes;
+  // blocks: [B, max blocks] block tables; lengths: [B] context lengths including the new token.
+  // Returns the last layer's output, before the final norm.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                        torch::Tensor v_cache, torch::Tensor slots, torch::Tensor blocks, torch::Tensor lengths,
+                        int64_t block_size) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32, "float32 only");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous KV cache");
+    x = x.contiguous().clone();
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    slots = slots.to(torch::kLong).contiguous();
+    blocks = blocks.to(torch::kLong).contiguous();
+    lengths = lengths.to(torch::kLong).contiguous();
+    const int64_t batch = x.size(0), hidden = x.size(1), width = (hq_ + 2 * hkv_) * d_;
+    const int64_t slots_per_layer = k_cache.size(1), max_blocks = blocks.size(1);
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; b++)
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < slots_per_layer, "slot out of range");
+    auto h = torch::empty_like(x);
+    auto attn = torch::empty({batch, hq_ * d_}, x.options());
+    auto act = torch::empty({batch, inter_}, x.options());
+    float* xp = x.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    for (size_t l = 0; l < layers_.size(); l++) {
+      const Layer& layer = layers_[l];
+      rms_norm(xp, layer.input_norm.data_ptr<float>(), hp, batch, hidden, eps_);
+      auto qkv = layer.qkv(h).contiguous();
+      float* qp = qkv.data_ptr<float>();
+      float* kc = k_cache.data_ptr<float>() + l * slots_per_layer * hkv_ * d_;
+      float* vc = v_cache.data_ptr<float>() + l * slots_per_layer * hkv_ * d_;
+      for (int64_t b = 0; b < batch; b++) {
+        float* row = qp + b * width;
+        for (int64_t hd = 0; hd < hq_ + hkv_; hd++) {  // q heads, then k heads
+          float* head = row + hd * d_;
+          const c10::optional<torch::Tensor>& norm = hd < hq_ ? layer.q_norm : layer.k_norm;
+          if (norm.has_value()) rms_norm(head, norm->data_ptr<float>(), head, 1, d_, eps_);
+          rope(head, cos.data_ptr<float>() + b * d_, sin.data_ptr<float>() + b * d_, d_);
+        }
+        std::memcpy(kc + slot[b] * hkv_ * d_, row + hq_ * d_, hkv_ * d_ * sizeof(float));
+        std::memcpy(vc + slot[b] * hkv_ * d_, row + (hq_ + hkv_) * d_, hkv_ * d_ * sizeof(float));
+      }
+      attention(qp, kc, vc, blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), batch, max_blocks, block_size,
+                slots_per_layer, attn.data_ptr<float>());
+      x.add_(layer.o(attn));
+      rms_norm(xp, layer.post_norm.data_ptr<float>(), hp, batch, hidden, eps_);
+      auto gu = layer.gate_up(h).contiguous();
+      const float* gp = gu.data_ptr<float>();
+      float* ap = act.data_ptr<float>();
+      for (int64_t b = 0; b < batch; b++)
+        for (int64_t i = 0; i < inter_; i++) {
+          float g = gp[b * 2 * inter_ + i], u = gp[b * 2 * inter_ + inter_ + i];
+          ap[b * inter_ + i] = g / (1.f + std::exp(-g)) * u;
+        }
+      x.add_(layer.down(act));
+    }
+    return x;
+  }
+
+ private:
+  // Each query head over its sequence's cached keys, read through the block table.
+  void attention(const float* qkv, const float* kc, const float* vc, const int64_t* blocks, const int64_t* lengths,
+                 int64_t batch, int64_t max_blocks, int64_t block_size, int64_t num_slots, float* out) const {
+    const int64_t group = hq_ / hkv_, width = (hq_ + 2 * hkv_) * d_;
+    const float scale = 1.f / std::sqrt(float(d_));
+    for (int64_t b = 0; b < batch; b++)
+      TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= max_blocks * block_size, "context length out of range");
+    at::parallel_for(0, batch * hkv_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; task++) {
+        int64_t b = task / hkv_, kvh = task % hkv_, len = lengths[b];
+        scores.resize(len * group);
+        for (int64_t t = 0; t < len; t++) {
+          int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
+          TORCH_CHECK(s >= 0 && s < num_slots, "block table points outside the KV cache");
+          const float* k = kc + (s * hkv_ + kvh) * d_;
+          for (int64_t g = 0; g < group; g++)
+            scores[g * len + t] = dot(qkv + b * width + (kvh * group + g) * d_, k, d_) * scale;
+        }
+        for (int64_t g = 0; g < group; g++) {
+          float* sc = scores.data() + g * len;
+          float mx = sc[0];
+          for (int64_t t = 1; t < len; t++) mx = std::max(mx, sc[t]);
+          float sum = 0.f;
+          for (int64_t t = 0; t < len; t++) sum += (sc[t] = std::exp(sc[t] - mx));
+          float* o = out + b * hq_ * d_ + (kvh * group + g) * d_;
+          std::fill(o, o + d_, 0.f);
+          for (int64_t t = 0; t < len; t++) {
+            int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
+            axpy(sc[t] / sum, vc + (s * hkv_ + kvh) * d_, o, d_);
+          }
+        }
+      }
+    });
+  }
+
+  int64_t hq_, hkv_, d_, inter_;
+  float eps_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+void bind_decode_step(pybind11::module& m) {
+  pybind11::class_<DecodeStep>(m, "DecodeStep")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &DecodeStep::add_layer)
+      .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,17 @@
+// Linear layers on GGUF-format weights (quant_linear.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+// The file's blocks ([N, bytes per row] uint8) in the layout the kernels read (same size).
+torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k);
+
+// Rows of a repacked weight (all of them when `rows` is empty) as float32 [rows, k].
+torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows);
+
+// y = x W^T (+ bias), x float32 [M, K], W repacked. Batches of more than `gemm_from` rows
+// dequantize W and use the BLAS GEMM; 0 never does (each row's result is then batch-invariant).
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t type,
+                     const c10::optional<torch::Tensor>& bias, int64_t gemm_from);
+
+bool has_avx2();

@@ -1,0 +1,100 @@
+"""Weights kept in their GGUF format (Q8_0, Q4_0, Q4_1, BF16, F16) and the layers that use them.
+
+A GGUF file loaded with `quantization="auto"` keeps each linear and the embedding in the file's
+own blocks: the engine's memory follows the file's size, and a decode step reads that many bytes
+instead of float32 weights. The matmuls run in microserve/kernels; `quantization="none"`
+dequantizes everything at load instead, which is the correctness reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported for the loader)
+
+# ggml type ids the kernels take, by name.
+KERNEL_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+
+# Batches of more rows than this dequantize the weight and use the BLAS GEMM (prefill); fewer
+# use the kernels' int8 dot products (decode), which read only the file's bytes. Measured on
+# a 2-core AVX2 CPU: the int8 loop is as fast up to about 32 rows of a 576-wide layer.
+GEMM_FROM_ROWS = 32
+
+
+@dataclass
+class GGUFWeight:
+    """One weight as stored in a GGUF file: `data` is uint8 [rows, bytes per row]."""
+
+    data: torch.Tensor
+    type_name: str
+    shape: tuple[int, int]  # (rows, columns) of the dense weight
+    packed: bool = False  # True once in the kernels' layout (`repacked`); rows are rows either way
+
+    @property
+    def type_id(self) -> int:
+        return KERNEL_TYPES[self.type_name]
+
+    def repacked(self) -> GGUFWeight:
+        from microserve import kernels
+
+        if self.packed:
+            return self
+        data = kernels.load().repack(self.data.contiguous(), self.type_id, self.shape[1])
+        return GGUFWeight(data, self.type_name, self.shape, packed=True)
+
+    def dequantize(self) -> torch.Tensor:
+        from microserve import kernels
+
+        return kernels.load().dequantize(self.repacked().data, self.type_id, self.shape[1], None)
+
+
+def concat_rows(parts: list[GGUFWeight]) -> GGUFWeight | None:
+    """One weight from row blocks (q, k, v or gate, up), or None when their formats differ."""
+    if len({p.type_name for p in parts}) != 1 or any(p.packed for p in parts):
+        return None
+    data = torch.cat([p.data for p in parts]) if len(parts) > 1 else parts[0].data.contiguous()
+    return GGUFWeight(data, parts[0].type_name, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W in a GGUF format, computed in float32."""
+
+    def __init__(self, weight: GGUFWeight, bias: torch.Tensor | None):
+        super().__init__()
+        from microserve import kernels
+
+        self.kernels = kernels.load()
+        self.weight = weight.repacked()
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.gemm_from = GEMM_FROM_ROWS
+
+    def make_batch_invariant(self) -> None:
+        """Always the int8 loop, whose result for a row does not depend on the other rows."""
+        self.gemm_from = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.linear(x.float(), self.weight.data, self.weight.type_id, self.bias, self.gemm_from)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.weight.type_name}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings looked up in GGUF-format rows (dequantized per lookup)."""
+
+    def __init__(self, weight: GGUFWeight, dtype: torch.dtype):
+        super().__init__()
+        from microserve import kernels
+
+        self.kernels = kernels.load()
+        self.weight = weight.repacked()
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.kernels.dequantize(self.weight.data, self.weight.type_id, self.weight.shape[1], ids.reshape(-1))
+        return rows.to(self.dtype).view(*ids.shape, -1)

@@ -1,0 +1,168 @@
+"""GGUF weights kept in their own formats (models/quant.py, kernels/): the kernels against
+gguf's reference dequantization, the built-in Q4_1 model against its dequantized self, and the
+C++ decode step against the Python forward pass."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from microserve import kernels
+from microserve.config import EngineConfig
+from microserve.engine.engine import LLMEngine
+from microserve.models.loader import load_model
+from microserve.models.quant import KERNEL_TYPES, QuantEmbedding, QuantLinear
+from microserve.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no C++ compiler for the CPU kernels")
+
+HELD_OUT = [
+    "The quick brown fox jumps over the lazy dog because",
+    "In 1969, the first humans to walk on the Moon were",
+    "A good recipe for pancakes starts with",
+    "def quicksort(items):\n    ",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "My favourite book is about a young wizard who",
+    "To install a Python package, you can run",
+]
+
+
+def _gguf_blocks(w: np.ndarray, type_name: str) -> torch.Tensor:
+    """Encode a float32 [N, K] weight in a GGUF format with gguf's own quantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    data = quantize(w, GGMLQuantizationType[type_name])
+    return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(w.shape[0], -1).copy())
+
+
+@pytest.mark.parametrize("type_name", list(KERNEL_TYPES))
+def test_kernels_match_gguf_dequantization(type_name):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    k = kernels.load()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 256)).astype(np.float32) * 0.05
+    raw = _gguf_blocks(w, type_name)
+    ref = np.array(dequantize(raw.numpy(), GGMLQuantizationType[type_name]), dtype=np.float32).reshape(w.shape)
+    ref = torch.from_numpy(ref)
+    packed = k.repack(raw, KERNEL_TYPES[type_name], 256)
+    assert packed.shape == raw.shape  # the same bytes as the file, rearranged
+    assert torch.equal(k.dequantize(packed, KERNEL_TYPES[type_name], 256, None), ref)
+    rows = torch.tensor([5, 0, 95, 5])
+    assert torch.equal(k.dequantize(packed, KERNEL_TYPES[type_name], 256, rows), ref[rows])
+
+    x = torch.randn(40, 256)
+    want = x @ ref.T
+    for m in (1, 3, 8, 40):  # int8 loop for small batches; gemm_from=0 never dequantizes
+        y = k.linear(x[:m], packed, KERNEL_TYPES[type_name], None, 0)
+        tol = 2e-2 if type_name in ("Q8_0", "Q4_0", "Q4_1") else 1e-5  # int8 activations vs float32
+        assert ((y - want[:m]).norm() / want[:m].norm()).item() < tol
+        # a row's result does not depend on its batch
+        assert torch.equal(y[m - 1], k.linear(x[m - 1 : m], packed, KERNEL_TYPES[type_name], None, 0)[0])
+    y = k.linear(x, packed, KERNEL_TYPES[type_name], None, 16)  # 40 rows > 16: dequantize + BLAS
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    bias = torch.randn(96)
+    torch.testing.assert_close(k.linear(x[:2], packed, KERNEL_TYPES[type_name], bias, 0),
+                               k.linear(x[:2], packed, KERNEL_TYPES[type_name], None, 0) + bias)
+
+
+def test_bad_weight_shapes_are_refused():
+    k = kernels.load()
+    with pytest.raises(RuntimeError, match="bytes"):
+        k.linear(torch.randn(1, 64), torch.zeros(4, 10, dtype=torch.uint8), KERNEL_TYPES["Q8_0"], None, 0)
+    packed = k.repack(torch.zeros(4, 34, dtype=torch.uint8), KERNEL_TYPES["Q8_0"], 32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        k.dequantize(packed, KERNEL_TYPES["Q8_0"], 32, torch.tensor([4]))
+
+
+@pytest.fixture(scope="module")
+def builtin_pair(builtin_gguf):
+    quant = load_model(builtin_gguf, dtype="float32", device="cpu", progress=False)
+    ref = load_model(builtin_gguf, dtype="float32", device="cpu", progress=False, quantization="none")
+    return quant, ref
+
+
+def test_builtin_model_keeps_the_file_formats(builtin_gguf, builtin_pair):
+    quant, ref = builtin_pair
+    assert quant.quantization == "gguf" and ref.quantization == "none"
+    model = quant.model
+    assert isinstance(model.embed_tokens, QuantEmbedding) and model.quant_lm_head is not None
+    linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * quant.config.num_layers
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # memory follows the file: the weights held are the file's bytes (the tied lm_head shares the
+    # embedding's), plus the float32 norms
+    tensors = {t.data_ptr(): t for t in [lin.weight.data for lin in linears + [model.quant_lm_head]]
+               + [model.embed_tokens.weight.data]}
+    held = sum(t.numel() for t in tensors.values())
+    held += sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0.95 < held / os.path.getsize(builtin_gguf) < 1.02
+
+
+def _greedy(loaded, prompts, max_tokens, fused=True):
+    engine = LLMEngine(EngineConfig(num_threads=2, kv_cache_memory="256MiB"), loaded=loaded)
+    engine.runner.fuse_decode = fused and loaded.model.can_fuse_decode()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_quantized_matches_dequantized_reference(builtin_pair):
+    """Held-out prompts, greedy: the Q4_1 kernels (int8 activations) against the float32 reference."""
+    quant, ref = builtin_pair
+    prompts = [quant.tokenizer(t).input_ids for t in HELD_OUT]
+    got, want = _greedy(quant, prompts, 12), _greedy(ref, prompts, 12)
+    # A 135M model's greedy path meets near-ties (top two within a few hundredths of a nat)
+    # within a dozen tokens, where any numeric change may flip it: the first 4 must agree on
+    # most prompts, and per-token logprobs up to a divergence stay close.
+    same = sum(g.token_ids[:4] == w.token_ids[:4] for g, w in zip(got, want))
+    assert same >= 6, f"greedy tokens agree on only {same} of {len(prompts)} prompts"
+    diffs = []
+    for g, w in zip(got, want):
+        for gt, wt, glp, wlp in zip(g.token_ids, w.token_ids, g.logprobs, w.logprobs):
+            if gt != wt:
+                break  # past a divergence the contexts differ
+            diffs.append(abs(glp[0] - wlp[0]))
+    assert np.median(diffs) < 0.05 and max(diffs) < 0.5, (np.median(diffs), max(diffs))
+
+
+def test_fused_decode_step_matches_python_forward(builtin_pair):
+    quant, _ = builtin_pair
+    prompts = [quant.tokenizer(t).input_ids for t in HELD_OUT[:4]]
+    fused, plain = _greedy(quant, prompts, 10, fused=True), _greedy(quant, prompts, 10, fused=False)
+    # Float32 rounding differences (sum orders) move some activations across an int8 rounding
+    # boundary, so the two paths differ by a quantization step here; on float32 weights (below)
+    # they agree to 1e-4.
+    # Token 0 comes from the prefill (Python in both); token 1 is the first fused step, from the same context.
+    for f, p in zip(fused, plain):
+        assert f.token_ids[0] == p.token_ids[0]
+        assert abs(f.logprobs[1][0] - p.logprobs[1][0]) < 0.1
+    assert sum(f.token_ids[:4] == p.token_ids[:4] for f, p in zip(fused, plain)) >= 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fused_decode_step_on_float32_checkpoints(tmp_path, arch):
+    """Dense float32 weights, attention bias (qwen2) and q/k norms (qwen3) in the C++ decode step."""
+    from tests.conftest import make_tiny_checkpoint
+
+    path, _ = make_tiny_checkpoint(tmp_path, arch)
+    loaded = load_model(path, dtype="float32", device="cpu", progress=False)
+    assert loaded.model.can_fuse_decode()
+    prompts = [[1, 5, 9, 200, 17], [3] * 40, list(range(30, 60))]
+    fused, plain = _greedy(loaded, prompts, 24, fused=True), _greedy(loaded, prompts, 24, fused=False)
+    for f, p in zip(fused, plain):
+        assert f.token_ids == p.token_ids
+        for tok, flp, plp in zip(f.token_ids, f.logprobs, p.logprobs):
+            assert abs(flp[0] - plp[0]) < 1e-4
