@@ -59,10 +59,9 @@ def test_kernels_match_gguf_dequantization(type_name):
 
     x = torch.randn(40, 256)
     want = x @ ref.T
-    for m in (1, 3, 8, 40):  # int8 loop for small batches; gemm_from=0 never dequantizes
+    for m in (1, 3, 8, 40):  # the kernels' loop for small batches; gemm_from=0 never dequantizes
         y = k.linear(x[:m], packed, KERNEL_TYPES[type_name], None, 0)
-        tol = 2e-2 if type_name in ("Q8_0", "Q4_0", "Q4_1") else 1e-5  # int8 activations vs float32
-        assert ((y - want[:m]).norm() / want[:m].norm()).item() < tol
+        assert ((y - want[:m]).norm() / want[:m].norm()).item() < 1e-5  # weight-only: float32 activations
         # a row's result does not depend on its batch
         assert torch.equal(y[m - 1], k.linear(x[m - 1 : m], packed, KERNEL_TYPES[type_name], None, 0)[0])
     y = k.linear(x, packed, KERNEL_TYPES[type_name], None, 16)  # 40 rows > 16: dequantize + BLAS
@@ -120,36 +119,31 @@ def _greedy(loaded, prompts, max_tokens, fused=True):
 
 
 def test_quantized_matches_dequantized_reference(builtin_pair):
-    """Held-out prompts, greedy: the Q4_1 kernels (int8 activations) against the float32 reference."""
+    """Held-out prompts, greedy: the Q4_1 kernels (weight-only) against the float32 reference."""
     quant, ref = builtin_pair
     prompts = [quant.tokenizer(t).input_ids for t in HELD_OUT]
     got, want = _greedy(quant, prompts, 12), _greedy(ref, prompts, 12)
-    # A 135M model's greedy path meets near-ties (top two within a few hundredths of a nat)
-    # within a dozen tokens, where any numeric change may flip it: the first 4 must agree on
-    # most prompts, and per-token logprobs up to a divergence stay close.
-    same = sum(g.token_ids[:4] == w.token_ids[:4] for g, w in zip(got, want))
-    assert same >= 6, f"greedy tokens agree on only {same} of {len(prompts)} prompts"
+    # Only float32 summation order differs, but a 135M model's greedy path can meet an exact
+    # near-tie: most prompts must agree on all 12 tokens, and logprobs up to a divergence stay close.
+    same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
+    assert same >= 7, f"greedy tokens agree on only {same} of {len(prompts)} prompts"
     diffs = []
     for g, w in zip(got, want):
         for gt, wt, glp, wlp in zip(g.token_ids, w.token_ids, g.logprobs, w.logprobs):
             if gt != wt:
                 break  # past a divergence the contexts differ
             diffs.append(abs(glp[0] - wlp[0]))
-    assert np.median(diffs) < 0.05 and max(diffs) < 0.5, (np.median(diffs), max(diffs))
+    assert np.median(diffs) < 1e-4 and max(diffs) < 1e-3, (np.median(diffs), max(diffs))
 
 
 def test_fused_decode_step_matches_python_forward(builtin_pair):
     quant, _ = builtin_pair
     prompts = [quant.tokenizer(t).input_ids for t in HELD_OUT[:4]]
     fused, plain = _greedy(quant, prompts, 10, fused=True), _greedy(quant, prompts, 10, fused=False)
-    # Float32 rounding differences (sum orders) move some activations across an int8 rounding
-    # boundary, so the two paths differ by a quantization step here; on float32 weights (below)
-    # they agree to 1e-4.
-    # Token 0 comes from the prefill (Python in both); token 1 is the first fused step, from the same context.
     for f, p in zip(fused, plain):
-        assert f.token_ids[0] == p.token_ids[0]
-        assert abs(f.logprobs[1][0] - p.logprobs[1][0]) < 0.1
-    assert sum(f.token_ids[:4] == p.token_ids[:4] for f, p in zip(fused, plain)) >= 3
+        assert f.token_ids == p.token_ids
+        for flp, plp in zip(f.logprobs, p.logprobs):
+            assert abs(flp[0] - plp[0]) < 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

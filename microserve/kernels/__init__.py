@@ -1,20 +1,26 @@
 """C++ CPU kernels, compiled on first use with torch's extension builder and cached on disk.
 
-The build takes about a minute once per machine (and again only when a source changes); engines
-that start together wait on the same build. `load()` returns None where no compiler is found,
-and callers fall back to their plain PyTorch path.
+The build takes about a minute once per machine (`make` does it at install) and again only
+when a source, the flags or the torch install change: the cache folder is named by a hash of
+all of them, and a finished build is imported directly, without taking the builder's lock.
+`load()` returns None where no compiler is found, and callers fall back to their PyTorch path.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "quant_linear.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).with_name(f) for f in ("quant_linear.h", "decode_step.h")]
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 
 
 def _cpu_flags() -> set[str]:
@@ -26,6 +32,10 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "kernels"
 
 
 @functools.cache
@@ -40,17 +50,29 @@ def load():
     # -fopenmp: at::parallel_for is a header template that needs it to run in parallel; the module
     # then shares torch's own libgomp (same soname, already loaded), so one thread pool.
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    key = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), torch.__version__.encode(),
+                 torch.__file__.encode()]:
+        key.update(part)
+    name = f"microserve_kernels_{key.hexdigest()[:16]}"
+    folder = _cache_root() / name
+    built = folder / f"{name}.so"
+    threads = torch.get_num_threads()
     try:
-        return cpp_extension.load(
-            name="microserve_kernels" + ("_avx2" if simd else ""),
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        if built.exists():
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        return cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: run without the kernels
         log.warning("CPU kernels unavailable (%s); quantized GGUF weights will be dequantized",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     finally:
-        torch.set_num_threads(torch.get_num_threads())  # the build must not change the engine's threads
+        torch.set_num_threads(threads)  # the build must not change the engine's threads

@@ -3,10 +3,12 @@
 // Weights stay as the GGUF blocks (Q8_0, Q4_0, Q4_1) or 16-bit floats (BF16, F16), so an engine's
 // memory follows the file's size and a decode step reads 2-7x fewer bytes than float32 weights.
 //
-// Small batches (decode): activations are quantized per block of 32 to int8 with one float scale,
-// as llama.cpp does, and each weight block is dotted with them in int8 (AVX2 maddubs), scaled
-// once per block. Large batches (prefill): the weight is dequantized to float32 and multiplied
-// with the BLAS GEMM, which is faster there than any int8 loop of ours.
+// Small batches (decode): each weight block's quants are widened to float32 in registers and
+// multiplied with the float32 activations, scaled once per block (weight-only: activations are
+// not quantized, so results match the dequantized reference up to float32 summation order;
+// int8 activations, as llama.cpp uses, were faster here but flipped answers of small models).
+// Large batches (prefill): the weight is dequantized to float32 and multiplied with the BLAS
+// GEMM, which is faster there than any loop of ours.
 //
 // Every output element is computed by the same instructions in the same order whatever the batch
 // size on the small-batch path, so the results of a row do not depend on its batch.
@@ -137,32 +139,16 @@ void row_scales(int64_t type, const uint8_t* row, int64_t nb, float* d, float* m
     for (b = 0; b < nb; b++) m[b] = -8.f * d[b];
 }
 
-// Activations for the int8 dot: per block of 32, int8 values q, scale d (x ~ d * q) and s = d * sum(q).
-struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-};
-
-QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k) {
-  int64_t nb = k / QK;
-  QuantizedRows r{std::vector<int8_t>(m * k), std::vector<float>(m * nb), std::vector<float>(m * nb)};
-  at::parallel_for(0, m * nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i++) {
-      const float* xb = x + i * QK;  // blocks of consecutive rows are consecutive (k % 32 == 0)
-      float amax = 0.f;
-      for (int j = 0; j < QK; j++) amax = std::max(amax, std::fabs(xb[j]));
-      float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int j = 0; j < QK; j++) {
-        int v = int(std::nearbyint(xb[j] * id));
-        r.q[i * QK + j] = int8_t(v);
-        sum += v;
-      }
-      r.d[i] = d;
-      r.s[i] = d * float(sum);
-    }
-  });
-  return r;
+// Per block of 32, the sum of the activations: a block's constant term (Q4_1's minimum, Q4_0's
+// -8 d) multiplies it once instead of being added to every weight.
+std::vector<float> block_sums(const float* x, int64_t m, int64_t k) {
+  std::vector<float> sums(m * (k / QK));
+  for (size_t i = 0; i < sums.size(); i++) {
+    float s = 0.f;
+    for (int j = 0; j < QK; j++) s += x[i * QK + j];  // blocks of consecutive rows are consecutive
+    sums[i] = s;
+  }
+  return sums;
 }
 
 #ifdef MS_AVX2
@@ -173,22 +159,28 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Sum of u8 * s8 products in 8 int32 lanes, as float.
-inline __m256 dot_u8s8(__m256i w, __m256i x) {
-  __m256i p = _mm256_maddubs_epi16(w, x);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+// A block's 32 quants as 4 x 8 floats (before its scale).
+template <int64_t TYPE>
+inline void block_quants(const uint8_t* q, __m256 out[4]) {
+  if constexpr (TYPE == T_Q8_0) {
+    for (int j = 0; j < 4; j++)
+      out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
+  } else {  // 16 bytes: low nibbles are elements 0..15, high nibbles 16..31
+    __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    __m128i mask = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
 }
 
-inline __m256i unpack_nibbles(const uint8_t* qs) {  // 16 bytes -> 32 values 0..15, low nibbles first
-  __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  __m128i mask = _mm_set1_epi8(15);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), mask), _mm_and_si128(t, mask));
-}
-
-// Rows [n0, n1) of y = x W^T for MT rows of x at once, block formats, int8 dot.
+// Rows [n0, n1) of y = x W^T for MT rows of x at once, block formats: each block's quants are
+// widened to float in registers and multiplied with the float32 activations (weight-only).
 template <int64_t TYPE, int MT>
-void block_dot_rows(const uint8_t* w, int64_t rb, int64_t nb, const QuantizedRows& xq, int64_t m0, int64_t k,
-                    float* y, int64_t n_total, int64_t n0, int64_t n1) {
+void block_dot_rows(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const std::vector<float>& xsum,
+                    int64_t m0, int64_t k, float* y, int64_t n_total, int64_t n0, int64_t n1) {
   constexpr int64_t qb = TYPE == T_Q8_0 ? 32 : 16;
   std::vector<float> dw(nb), mw(nb);
   for (int64_t n = n0; n < n1; n++) {
@@ -197,20 +189,22 @@ void block_dot_rows(const uint8_t* w, int64_t rb, int64_t nb, const QuantizedRow
     __m256 acc[MT];
     for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-      __m256i wv = TYPE == T_Q8_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * qb))
-                                  : unpack_nibbles(row + b * qb);
-      __m256i wabs = TYPE == T_Q8_0 ? _mm256_sign_epi8(wv, wv) : wv;
+      __m256 q[4];
+      block_quants<TYPE>(row + b * qb, q);
+      __m256 d = _mm256_set1_ps(dw[b]);
       for (int i = 0; i < MT; i++) {
-        int64_t xi = (m0 + i) * nb + b;
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + xi * QK));
-        if constexpr (TYPE == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);  // signs moved onto x
-        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * xq.d[xi]), dot_u8s8(wabs, xv), acc[i]);
+        const float* xb = x + (m0 + i) * k + b * QK;
+        __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+        s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), s);
+        s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), s);
+        s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), s);
+        acc[i] = _mm256_fmadd_ps(d, s, acc[i]);
       }
     }
     for (int i = 0; i < MT; i++) {
       float extra = 0.f;  // sum over blocks of m * sum(x): the constant term of each block
       if constexpr (TYPE != T_Q8_0) {
-        const float* s = xq.s.data() + (m0 + i) * nb;
+        const float* s = xsum.data() + (m0 + i) * nb;
         for (int64_t b = 0; b < nb; b++) extra += mw[b] * s[b];
       }
       y[(m0 + i) * n_total + n] = hsum(acc[i]) + extra;
@@ -237,7 +231,7 @@ void half_dot_rows(const uint8_t* w, const float* x, int64_t m0, int64_t k, floa
 }
 
 template <int64_t TYPE>
-void small_batch(const uint8_t* w, int64_t rb, const float* x, const QuantizedRows* xq, int64_t m, int64_t k,
+void small_batch(const uint8_t* w, int64_t rb, const float* x, const std::vector<float>& xsum, int64_t m, int64_t k,
                  float* y, int64_t n0, int64_t n1, int64_t n_total) {
   int64_t nb = k / QK;
   int64_t m0 = 0;
@@ -246,7 +240,7 @@ void small_batch(const uint8_t* w, int64_t rb, const float* x, const QuantizedRo
     if constexpr (TYPE == T_BF16 || TYPE == T_F16) {
       half_dot_rows<TYPE, MT>(w, x, m0, k, y, n_total, n0, n1);
     } else {
-      block_dot_rows<TYPE, MT>(w, rb, nb, *xq, m0, k, y, n_total, n0, n1);
+      block_dot_rows<TYPE, MT>(w, rb, nb, x, xsum, m0, k, y, n_total, n0, n1);
     }
     m0 += MT;
   };
@@ -340,15 +334,14 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
   int64_t rb = w.size(1);
   int64_t grain = std::max<int64_t>(8, n / (4 * at::get_num_threads()));
 #ifdef MS_AVX2
-  QuantizedRows xq;
-  if (is_block_type(type)) xq = quantize_rows(xp, m, k);
+  std::vector<float> xsum = is_block_type(type) ? block_sums(xp, m, k) : std::vector<float>();
   at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) {
     switch (type) {
-      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, &xq, m, k, yp, a, b, n); break;
-      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, &xq, m, k, yp, a, b, n); break;
-      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, &xq, m, k, yp, a, b, n); break;
-      case T_BF16: small_batch<T_BF16>(wp, rb, xp, &xq, m, k, yp, a, b, n); break;
-      case T_F16: small_batch<T_F16>(wp, rb, xp, &xq, m, k, yp, a, b, n); break;
+      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
+      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
+      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
+      case T_BF16: small_batch<T_BF16>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
+      case T_F16: small_batch<T_F16>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
     }
   });
 #else

@@ -19,8 +19,8 @@ from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported f
 KERNEL_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
 
 # Batches of more rows than this dequantize the weight and use the BLAS GEMM (prefill); fewer
-# use the kernels' int8 dot products (decode), which read only the file's bytes. Measured on
-# a 2-core AVX2 CPU: the int8 loop is as fast up to about 32 rows of a 576-wide layer.
+# use the kernels' own loop (decode), which reads only the file's bytes. Measured on a 2-core
+# AVX2 CPU: the loop is as fast up to about 32 rows of a 576-wide layer.
 GEMM_FROM_ROWS = 32
 
 
@@ -73,7 +73,7 @@ class QuantLinear(nn.Module):
         self.gemm_from = GEMM_FROM_ROWS
 
     def make_batch_invariant(self) -> None:
-        """Always the int8 loop, whose result for a row does not depend on the other rows."""
+        """Always the kernels' own loop, whose result for a row does not depend on the other rows."""
         self.gemm_from = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
