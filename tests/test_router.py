@@ -239,7 +239,9 @@ def test_logprobs_through_the_router_match_the_engine(setup):
     via = httpx.post(router.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
     direct = httpx.post(ref.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
     assert via["tokens"] == direct["tokens"] and via["text_offset"] == direct["text_offset"]
-    assert via["token_logprobs"] == pytest.approx(direct["token_logprobs"], abs=1e-5)
+    # The split path computes the last prompt token in a batch of its own: float32 GEMMs of
+    # another shape may sum in another order (seen: 1.1e-5 on a logprob of -4.09 with AVX-512).
+    assert via["token_logprobs"] == pytest.approx(direct["token_logprobs"], rel=1e-5, abs=1e-5)
     assert [list(t) for t in via["top_logprobs"]] == [list(t) for t in direct["top_logprobs"]]
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
             "logprobs": True, "top_logprobs": 2}

@@ -34,6 +34,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _simd_flags(cpu: set[str]) -> list[str]:
+    """The widest vector instructions this CPU has that the kernels are written for."""
+    if not {"avx2", "fma", "f16c"} <= cpu:
+        return []
+    flags = ["-mavx2", "-mfma", "-mf16c"]
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu:
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    return flags
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "kernels"
 
@@ -46,10 +56,9 @@ def load():
     import torch
     from torch.utils import cpp_extension
 
-    simd = {"avx2", "fma", "f16c"} <= _cpu_flags()
     # -fopenmp: at::parallel_for is a header template that needs it to run in parallel; the module
     # then shares torch's own libgomp (same soname, already loaded), so one thread pool.
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    flags = ["-O3", "-fopenmp"] + _simd_flags(_cpu_flags())
     key = hashlib.sha256()
     for part in [*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), torch.__version__.encode(),
                  torch.__file__.encode()]:

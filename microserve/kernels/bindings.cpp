@@ -6,6 +6,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("repack", &repack, "GGUF blocks to the kernels' layout");
   m.def("dequantize", &dequantize, "repacked weight rows to float32");
   m.def("linear", &linear, "y = x W^T (+ bias) on a repacked GGUF-format weight");
-  m.def("has_avx2", &has_avx2);
+  m.def("simd", &simd, "instruction set the kernels were built for");
   bind_decode_step(m);
 }

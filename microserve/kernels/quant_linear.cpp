@@ -21,9 +21,14 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MS_AVX512 1
+#define MS_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MS_AVX2 1
+#define MS_SIMD 1
 #endif
 
 namespace {
@@ -57,7 +62,7 @@ inline uint16_t load_u16(const uint8_t* p) {
 }
 
 inline float fp16_to_fp32(uint16_t h) {
-#ifdef MS_AVX2
+#ifdef MS_SIMD
   return _cvtsh_ss(h);
 #else
   uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
@@ -124,7 +129,7 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
 void row_scales(int64_t type, const uint8_t* row, int64_t nb, float* d, float* m) {
   const uint8_t* scales = row + nb * quant_bytes(type);
   int64_t b = 0;
-#ifdef MS_AVX2
+#ifdef MS_SIMD
   for (; b + 8 <= nb; b += 8) {
     _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * b))));
     if (type == T_Q4_1)
@@ -139,115 +144,159 @@ void row_scales(int64_t type, const uint8_t* row, int64_t nb, float* d, float* m
     for (b = 0; b < nb; b++) m[b] = -8.f * d[b];
 }
 
-// Per block of 32, the sum of the activations: a block's constant term (Q4_1's minimum, Q4_0's
-// -8 d) multiplies it once instead of being added to every weight.
-std::vector<float> block_sums(const float* x, int64_t m, int64_t k) {
-  std::vector<float> sums(m * (k / QK));
-  for (size_t i = 0; i < sums.size(); i++) {
-    float s = 0.f;
-    for (int j = 0; j < QK; j++) s += x[i * QK + j];  // blocks of consecutive rows are consecutive
-    sums[i] = s;
-  }
-  return sums;
+#if defined(MS_AVX512)
+// 16 floats per vector; a block of 32 weights is 2 vectors.
+using vf = __m512;
+constexpr int W = 16;
+constexpr int MT_MAX = 4;  // rows of x per tile: 4 output rows x 4 = 16 accumulators of 32 registers
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vset1(float a) { return _mm512_set1_ps(a); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf widen_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+inline vf widen_i8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-
-#ifdef MS_AVX2
-inline float hsum(__m256 v) {
+inline vf widen_bf16(const uint8_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vf widen_f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// The 16 bytes of a 4-bit block: low nibbles are elements 0..15, high nibbles 16..31.
+inline void nibbles(const uint8_t* q, vf out[]) {
+  __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(15)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(t, 4));
+}
+#elif defined(MS_AVX2)
+// 8 floats per vector; a block of 32 weights is 4 vectors.
+using vf = __m256;
+constexpr int W = 8;
+constexpr int MT_MAX = 2;  // 16 registers: 4 output rows x 2 = 8 accumulators
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vset1(float a) { return _mm256_set1_ps(a); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline vf widen_i8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf widen_bf16(const uint8_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vf widen_f16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void nibbles(const uint8_t* q, vf out[]) {
+  __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  __m128i mask = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
 
-// A block's 32 quants as 4 x 8 floats (before its scale).
+#ifdef MS_SIMD
+constexpr int NV = QK / W;  // vectors per block of 32 weights
+constexpr int NR = 4;       // output rows per tile: each x load serves 4 rows, 4+ independent sums
+
+// Weights b*32 .. b*32+31 of a (repacked) row as float32: d[b] * q (+ m[b]), exactly the values
+// the dequantized reference holds, up to one rounding of the fused multiply-add.
 template <int64_t TYPE>
-inline void block_quants(const uint8_t* q, __m256 out[4]) {
-  if constexpr (TYPE == T_Q8_0) {
-    for (int j = 0; j < 4; j++)
-      out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
-  } else {  // 16 bytes: low nibbles are elements 0..15, high nibbles 16..31
-    __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    __m128i mask = _mm_set1_epi8(15);
-    __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
-    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+inline void unpack(const uint8_t* row, int64_t b, const float* d, const float* m, vf out[NV]) {
+  if constexpr (TYPE == T_BF16) {
+    for (int v = 0; v < NV; v++) out[v] = widen_bf16(row + 2 * (b * QK + v * W));
+  } else if constexpr (TYPE == T_F16) {
+    for (int v = 0; v < NV; v++) out[v] = widen_f16(row + 2 * (b * QK + v * W));
+  } else if constexpr (TYPE == T_Q8_0) {
+    vf dv = vset1(d[b]);
+    for (int v = 0; v < NV; v++) out[v] = vmul(widen_i8(row + b * QK + v * W), dv);
+  } else {  // Q4_0 (m = -8 d), Q4_1
+    vf dv = vset1(d[b]), mv = vset1(m[b]);
+    nibbles(row + b * 16, out);
+    for (int v = 0; v < NV; v++) out[v] = vfmadd(out[v], dv, mv);
   }
 }
 
-// Rows [n0, n1) of y = x W^T for MT rows of x at once, block formats: each block's quants are
-// widened to float in registers and multiplied with the float32 activations (weight-only).
-template <int64_t TYPE, int MT>
-void block_dot_rows(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const std::vector<float>& xsum,
-                    int64_t m0, int64_t k, float* y, int64_t n_total, int64_t n0, int64_t n1) {
-  constexpr int64_t qb = TYPE == T_Q8_0 ? 32 : 16;
-  std::vector<float> dw(nb), mw(nb);
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* row = w + n * rb;
-    row_scales(TYPE, row, nb, dw.data(), mw.data());
-    __m256 acc[MT];
-    for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-      __m256 q[4];
-      block_quants<TYPE>(row + b * qb, q);
-      __m256 d = _mm256_set1_ps(dw[b]);
+// y[m0..m0+MT) x [n..n+R) for R consecutive weight rows: each block of a row is widened once and
+// multiplied with MT rows of x. Each output is one vector accumulator, summed at the end, so its
+// value does not depend on R, MT or where a thread's range starts (batch invariance).
+template <int64_t TYPE, int R, int MT>
+void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t k, const float* d, const float* m,
+              float* y, int64_t n_total, int64_t n, int64_t m0) {
+  vf acc[R][MT];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < MT; i++) acc[r][i] = vzero();
+  for (int64_t b = 0; b < nb; b++) {
+    for (int r = 0; r < R; r++) {
+      vf wv[NV];
+      unpack<TYPE>(w + (n + r) * rb, b, d + r * nb, m + r * nb, wv);
       for (int i = 0; i < MT; i++) {
         const float* xb = x + (m0 + i) * k + b * QK;
-        __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
-        s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), s);
-        s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), s);
-        s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), s);
-        acc[i] = _mm256_fmadd_ps(d, s, acc[i]);
+        for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[v], vload(xb + v * W), acc[r][i]);
       }
     }
-    for (int i = 0; i < MT; i++) {
-      float extra = 0.f;  // sum over blocks of m * sum(x): the constant term of each block
-      if constexpr (TYPE != T_Q8_0) {
-        const float* s = xsum.data() + (m0 + i) * nb;
-        for (int64_t b = 0; b < nb; b++) extra += mw[b] * s[b];
-      }
-      y[(m0 + i) * n_total + n] = hsum(acc[i]) + extra;
-    }
   }
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < MT; i++) y[(m0 + i) * n_total + n + r] = hsum(acc[r][i]);
 }
 
-// Rows [n0, n1) of y = x W^T for MT rows of x at once, 16-bit float weights, float32 FMA.
-template <int64_t TYPE, int MT>
-void half_dot_rows(const uint8_t* w, const float* x, int64_t m0, int64_t k, float* y, int64_t n_total, int64_t n0,
-                   int64_t n1) {
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* row = w + n * 2 * k;
-    __m256 acc[MT];
-    for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < k; j += 8) {
-      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * j));
-      __m256 wv = TYPE == T_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                                 : _mm256_cvtph_ps(h);
-      for (int i = 0; i < MT; i++) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + i) * k + j), acc[i]);
-    }
-    for (int i = 0; i < MT; i++) y[(m0 + i) * n_total + n] = hsum(acc[i]);
-  }
-}
-
-template <int64_t TYPE>
-void small_batch(const uint8_t* w, int64_t rb, const float* x, const std::vector<float>& xsum, int64_t m, int64_t k,
-                 float* y, int64_t n0, int64_t n1, int64_t n_total) {
-  int64_t nb = k / QK;
+template <int64_t TYPE, int R>
+void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t m, int64_t k, const float* d,
+                  const float* mins, float* y, int64_t n_total, int64_t n) {
   int64_t m0 = 0;
-  auto tile = [&](auto mt_const) {
-    constexpr int MT = decltype(mt_const)::value;
-    if constexpr (TYPE == T_BF16 || TYPE == T_F16) {
-      half_dot_rows<TYPE, MT>(w, x, m0, k, y, n_total, n0, n1);
-    } else {
-      block_dot_rows<TYPE, MT>(w, rb, nb, x, xsum, m0, k, y, n_total, n0, n1);
-    }
-    m0 += MT;
+  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, k, d, mins, y, n_total, n, m0);
+  switch (m - m0) {
+    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
+    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
+    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
+  }
+}
+
+// Rows [n0, n1) of y = x W^T for all m rows of x.
+template <int64_t TYPE>
+void small_batch(const uint8_t* w, int64_t rb, const float* x, int64_t m, int64_t k, float* y, int64_t n0, int64_t n1,
+                 int64_t n_total) {
+  int64_t nb = k / QK;
+  std::vector<float> d(NR * nb), mins(NR * nb);  // the tile's row scales, converted once
+  auto scales = [&](int64_t n, int r) {
+    if constexpr (TYPE != T_BF16 && TYPE != T_F16) row_scales(TYPE, w + (n + r) * rb, nb, &d[r * nb], &mins[r * nb]);
   };
-  while (m - m0 >= 4) tile(std::integral_constant<int, 4>());
-  if (m - m0 == 3) tile(std::integral_constant<int, 3>());
-  if (m - m0 == 2) tile(std::integral_constant<int, 2>());
-  if (m - m0 == 1) tile(std::integral_constant<int, 1>());
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int r = 0; r < NR; r++) scales(n, r);
+    rows_times_x<TYPE, NR>(w, rb, nb, x, m, k, d.data(), mins.data(), y, n_total, n);
+  }
+  for (; n < n1; n++) {
+    scales(n, 0);
+    rows_times_x<TYPE, 1>(w, rb, nb, x, m, k, d.data(), mins.data(), y, n_total, n);
+  }
+}
+#endif
+
+#ifdef MS_SIMD
+// One row to float32 with the same widening as the dot products (prefill's dense GEMM path).
+template <int64_t TYPE>
+void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {
+  int64_t nb = k / QK;
+  std::vector<float> d(nb), m(nb);
+  if constexpr (TYPE != T_BF16 && TYPE != T_F16) row_scales(TYPE, row, nb, d.data(), m.data());
+  for (int64_t b = 0; b < nb; b++) {
+    vf wv[NV];
+    unpack<TYPE>(row, b, d.data(), m.data(), wv);
+    for (int v = 0; v < NV; v++) vstore(out + b * QK + v * W, wv[v]);
+  }
 }
 #endif
 
@@ -308,7 +357,17 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
     for (int64_t i = a; i < b; i++) {
       int64_t r = ip ? ip[i] : i;
       TORCH_CHECK(r >= 0 && r < total, "row ", r, " out of range");
+#ifdef MS_SIMD
+      switch (type) {
+        case T_Q8_0: dequantize_row_simd<T_Q8_0>(wp + r * rb, k, op + i * k); break;
+        case T_Q4_0: dequantize_row_simd<T_Q4_0>(wp + r * rb, k, op + i * k); break;
+        case T_Q4_1: dequantize_row_simd<T_Q4_1>(wp + r * rb, k, op + i * k); break;
+        case T_BF16: dequantize_row_simd<T_BF16>(wp + r * rb, k, op + i * k); break;
+        case T_F16: dequantize_row_simd<T_F16>(wp + r * rb, k, op + i * k); break;
+      }
+#else
       dequantize_row(type, wp + r * rb, k, op + i * k);
+#endif
     }
   });
   return out;
@@ -333,15 +392,14 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
   const uint8_t* wp = w.data_ptr<uint8_t>();
   int64_t rb = w.size(1);
   int64_t grain = std::max<int64_t>(8, n / (4 * at::get_num_threads()));
-#ifdef MS_AVX2
-  std::vector<float> xsum = is_block_type(type) ? block_sums(xp, m, k) : std::vector<float>();
+#ifdef MS_SIMD
   at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) {
     switch (type) {
-      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
-      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
-      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
-      case T_BF16: small_batch<T_BF16>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
-      case T_F16: small_batch<T_F16>(wp, rb, xp, xsum, m, k, yp, a, b, n); break;
+      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, m, k, yp, a, b, n); break;
+      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, m, k, yp, a, b, n); break;
+      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, m, k, yp, a, b, n); break;
+      case T_BF16: small_batch<T_BF16>(wp, rb, xp, m, k, yp, a, b, n); break;
+      case T_F16: small_batch<T_F16>(wp, rb, xp, m, k, yp, a, b, n); break;
     }
   });
 #else
@@ -351,10 +409,12 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
   return y;
 }
 
-bool has_avx2() {
-#ifdef MS_AVX2
-  return true;
+std::string simd() {
+#if defined(MS_AVX512)
+  return "avx512";
+#elif defined(MS_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "none";
 #endif
 }

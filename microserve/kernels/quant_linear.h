@@ -14,4 +14,5 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t type,
                      const c10::optional<torch::Tensor>& bias, int64_t gemm_from);
 
-bool has_avx2();
+// The instruction set the kernels were built for: "avx512", "avx2" or "none".
+std::string simd();
