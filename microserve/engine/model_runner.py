@@ -42,6 +42,7 @@ class ModelRunner:
             make_batch_invariant(self.model)
         # Decode-only steps in one C++ call (models/llama.py decode_step), unless a mode needs the Python path.
         self.fuse_decode = self.model.can_fuse_decode() and not cfg.deterministic
+        self.fuse_max_batch = self.model.fused_decode_max_batch()
         self.model.warm_up_packed_linears(max(cfg.max_num_batched_tokens, cfg.max_num_seqs), cfg.max_num_seqs)
 
     @property
@@ -74,7 +75,8 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         dev = self.device
-        if not prefills and self.fuse_decode and all(req.kv_progress is None for req, _ in items):
+        if not prefills and self.fuse_decode and all(req.kv_progress is None for req, _ in items) \
+                and (self.fuse_max_batch is None or len(items) <= self.fuse_max_batch):
             hidden = self.model.decode_step(
                 torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
                 self._block_tables([req for req, _ in decode_reqs]), torch.tensor([end for _, end in decode_reqs]),

@@ -4,8 +4,9 @@
 // At batch 1 a layer's arithmetic takes less time than the ~40 PyTorch calls the Python model
 // makes for it, so the step runs here: norms, rope, the paged KV write, attention over the
 // block table and the residuals are plain loops; the linears call the GGUF-format kernels
-// (quant_linear.cpp) or BLAS for float32 weights. Same math as models/llama.py, in float32;
-// the prefill path and every other case stay in Python.
+// (quant_linear.cpp) or BLAS for float32 weights. Same math as models/llama.py, in float32
+// whatever the model's dtype; the KV cache is float32 or bfloat16 (rounded on write, widened on
+// read). The prefill path and every other case stay in Python.
 
 #include "decode_step.h"
 
@@ -22,6 +23,8 @@
 #include <immintrin.h>
 #define MS_AVX2 1
 #endif
+
+#include <c10/util/BFloat16.h>
 
 namespace {
 
@@ -62,6 +65,25 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// A head's cached values as float32: `dst` when they need widening, else the cache itself.
+inline const float* as_float(const float* src, float*, int64_t) { return src; }
+inline const float* as_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef MS_AVX2
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; i++) dst[i] = float(src[i]);
+  return dst;
+}
+
+inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i++) dst[i] = c10::BFloat16(src[i]);  // round to nearest even, as .to(bfloat16)
+}
+
 // y[i] += a * x[i]
 inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
@@ -97,9 +119,17 @@ class DecodeStep {
                  c10::optional<torch::Tensor> qkv_bias, torch::Tensor input_norm, torch::Tensor post_norm,
                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm) {
     TORCH_CHECK(weights.size() == 4 && types.size() == 4 && gemm_from.size() == 4, "four linears per layer");
-    auto lin = [&](int i, c10::optional<torch::Tensor> bias) { return Linear{weights[i], types[i], gemm_from[i], bias}; };
-    layers_.push_back(Layer{lin(0, qkv_bias), lin(1, {}), lin(2, {}), lin(3, {}), input_norm.contiguous(),
-                            post_norm.contiguous(), q_norm, k_norm});
+    // Everything but the weights in float32, whatever the model's dtype.
+    auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); };
+    auto f32_opt = [&](const c10::optional<torch::Tensor>& t) -> c10::optional<torch::Tensor> {
+      if (!t.has_value()) return c10::nullopt;
+      return f32(*t);
+    };
+    auto lin = [&](int i, c10::optional<torch::Tensor> bias) {
+      return Linear{weights[i], types[i], gemm_from[i], f32_opt(bias)};
+    };
+    layers_.push_back(Layer{lin(0, qkv_bias), lin(1, {}), lin(2, {}), lin(3, {}), f32(input_norm), f32(post_norm),
+                            f32_opt(q_norm), f32_opt(k_norm)});
   }
 
   // x: [B, hidden] embeddings of the new tokens; cos, sin: [B, d] for their positions;
@@ -109,11 +139,23 @@ class DecodeStep {
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                         torch::Tensor v_cache, torch::Tensor slots, torch::Tensor blocks, torch::Tensor lengths,
                         int64_t block_size) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32, "float32 only");
+    TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
+                (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
+                "KV cache: float32 or bfloat16");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous KV cache");
-    x = x.contiguous().clone();
-    cos = cos.contiguous();
-    sin = sin.contiguous();
+    if (k_cache.dtype() == torch::kBFloat16)
+      return run<c10::BFloat16>(x, cos, sin, k_cache, v_cache, slots, blocks, lengths, block_size);
+    return run<float>(x, cos, sin, k_cache, v_cache, slots, blocks, lengths, block_size);
+  }
+
+ private:
+  template <typename KV>
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                    torch::Tensor v_cache, torch::Tensor slots, torch::Tensor blocks, torch::Tensor lengths,
+                    int64_t block_size) {
+    x = x.to(torch::kFloat32).contiguous().clone();
+    cos = cos.to(torch::kFloat32).contiguous();
+    sin = sin.to(torch::kFloat32).contiguous();
     slots = slots.to(torch::kLong).contiguous();
     blocks = blocks.to(torch::kLong).contiguous();
     lengths = lengths.to(torch::kLong).contiguous();
@@ -131,9 +173,9 @@ class DecodeStep {
       const Layer& layer = layers_[l];
       rms_norm(xp, layer.input_norm.data_ptr<float>(), hp, batch, hidden, eps_);
       auto qkv = layer.qkv(h).contiguous();
-      float* qp = qkv.data_ptr<float>();
-      float* kc = k_cache.data_ptr<float>() + l * slots_per_layer * hkv_ * d_;
-      float* vc = v_cache.data_ptr<float>() + l * slots_per_layer * hkv_ * d_;
+      float* qp = qkv.template data_ptr<float>();
+      KV* kc = k_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
+      KV* vc = v_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
       for (int64_t b = 0; b < batch; b++) {
         float* row = qp + b * width;
         for (int64_t hd = 0; hd < hq_ + hkv_; hd++) {  // q heads, then k heads
@@ -142,15 +184,15 @@ class DecodeStep {
           if (norm.has_value()) rms_norm(head, norm->data_ptr<float>(), head, 1, d_, eps_);
           rope(head, cos.data_ptr<float>() + b * d_, sin.data_ptr<float>() + b * d_, d_);
         }
-        std::memcpy(kc + slot[b] * hkv_ * d_, row + hq_ * d_, hkv_ * d_ * sizeof(float));
-        std::memcpy(vc + slot[b] * hkv_ * d_, row + (hq_ + hkv_) * d_, hkv_ * d_ * sizeof(float));
+        store(row + hq_ * d_, kc + slot[b] * hkv_ * d_, hkv_ * d_);
+        store(row + (hq_ + hkv_) * d_, vc + slot[b] * hkv_ * d_, hkv_ * d_);
       }
       attention(qp, kc, vc, blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), batch, max_blocks, block_size,
                 slots_per_layer, attn.data_ptr<float>());
       x.add_(layer.o(attn));
       rms_norm(xp, layer.post_norm.data_ptr<float>(), hp, batch, hidden, eps_);
       auto gu = layer.gate_up(h).contiguous();
-      const float* gp = gu.data_ptr<float>();
+      const float* gp = gu.template data_ptr<float>();
       float* ap = act.data_ptr<float>();
       for (int64_t b = 0; b < batch; b++)
         for (int64_t i = 0; i < inter_; i++) {
@@ -162,23 +204,23 @@ class DecodeStep {
     return x;
   }
 
- private:
   // Each query head over its sequence's cached keys, read through the block table.
-  void attention(const float* qkv, const float* kc, const float* vc, const int64_t* blocks, const int64_t* lengths,
+  template <typename KV>
+  void attention(const float* qkv, const KV* kc, const KV* vc, const int64_t* blocks, const int64_t* lengths,
                  int64_t batch, int64_t max_blocks, int64_t block_size, int64_t num_slots, float* out) const {
     const int64_t group = hq_ / hkv_, width = (hq_ + 2 * hkv_) * d_;
     const float scale = 1.f / std::sqrt(float(d_));
     for (int64_t b = 0; b < batch; b++)
       TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= max_blocks * block_size, "context length out of range");
     at::parallel_for(0, batch * hkv_, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
+      std::vector<float> scores, widened(d_);
       for (int64_t task = begin; task < end; task++) {
         int64_t b = task / hkv_, kvh = task % hkv_, len = lengths[b];
         scores.resize(len * group);
         for (int64_t t = 0; t < len; t++) {
           int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
           TORCH_CHECK(s >= 0 && s < num_slots, "block table points outside the KV cache");
-          const float* k = kc + (s * hkv_ + kvh) * d_;
+          const float* k = as_float(kc + (s * hkv_ + kvh) * d_, widened.data(), d_);
           for (int64_t g = 0; g < group; g++)
             scores[g * len + t] = dot(qkv + b * width + (kvh * group + g) * d_, k, d_) * scale;
         }
@@ -192,7 +234,7 @@ class DecodeStep {
           std::fill(o, o + d_, 0.f);
           for (int64_t t = 0; t < len; t++) {
             int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
-            axpy(sc[t] / sum, vc + (s * hkv_ + kvh) * d_, o, d_);
+            axpy(sc[t] / sum, as_float(vc + (s * hkv_ + kvh) * d_, widened.data(), d_), o, d_);
           }
         }
       }

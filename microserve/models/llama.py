@@ -18,7 +18,7 @@ from torch import nn
 from microserve.config import ModelConfig
 from microserve.errors import UserError
 from microserve.models.deterministic import fixed_order_attention, gemm_rows, padded_rows_call
-from microserve.models.quant import GGUFWeight, QuantEmbedding, QuantLinear, concat_rows
+from microserve.models.quant import GEMM_FROM_ROWS, KERNEL_TYPES, GGUFWeight, QuantEmbedding, QuantLinear, concat_rows
 
 
 @dataclass
@@ -337,11 +337,11 @@ class LlamaForCausalLM(nn.Module):
         self.batch_invariant = False  # set by models/deterministic.make_batch_invariant
         self.fused_decode = True  # decode-only steps in one C++ call where possible (`can_fuse_decode`)
         self._decode_step = None
-        self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) per position
+        self.rope_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (cos, signed sin) per position
 
     def set_rope_freqs(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.to(self.inv_freq.device)
-        self.rope_cache = None
+        self.rope_cache = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -352,14 +352,14 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head
 
     def rope_tables(self, positions: torch.Tensor, dtype):
-        """cos and signed sin for each position, looked up in a table built once per model."""
-        if self.rope_cache is None or self.rope_cache[0].dtype != dtype:
+        """cos and signed sin for each position, looked up in a table built once per model and dtype."""
+        if dtype not in self.rope_cache:
             n = self.cfg.max_position_embeddings
             pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]  # [n, D/2], in float32
             cos, sin = freqs.cos(), freqs.sin()
-            self.rope_cache = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
-        cos, sin = self.rope_cache
+            self.rope_cache[dtype] = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
+        cos, sin = self.rope_cache[dtype]
         return cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :]
 
     @torch.inference_mode()
@@ -375,8 +375,11 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def can_fuse_decode(self) -> bool:
-        """Whether `decode_step` can run: CPU kernels built, float32, every linear float32 or GGUF-format."""
-        if not self.fused_decode or self.batch_invariant or self.norm.device.type != "cpu" or self.dtype != torch.float32:
+        """Whether `decode_step` can run: CPU kernels built, float32 or bfloat16, every linear
+        GGUF-format or plain (not oneDNN-packed)."""
+        if not self.fused_decode or self.batch_invariant or self.norm.device.type != "cpu":
+            return False
+        if self.dtype not in (torch.float32, torch.bfloat16):
             return False
         linears = [getattr(layer, n) for layer in self.layers for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
         if not all(isinstance(lin, (QuantLinear, nn.Linear)) for lin in linears):
@@ -384,6 +387,12 @@ class LlamaForCausalLM(nn.Module):
         from microserve import kernels
 
         return kernels.load() is not None
+
+    def fused_decode_max_batch(self) -> int | None:
+        """The largest decode batch `decode_step` should take (None: any). In float32 it always
+        wins; in bfloat16, batches past the kernels' own loop are faster on the Python path,
+        whose GEMMs run in bfloat16."""
+        return None if self.dtype == torch.float32 else GEMM_FROM_ROWS
 
     @torch.inference_mode()
     def decode_step(self, input_ids, positions, slots, blocks, lengths, kv: KVCache) -> torch.Tensor:
@@ -393,9 +402,9 @@ class LlamaForCausalLM(nn.Module):
         if self._decode_step is None:
             self._decode_step = self._build_decode_step()
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_tables(positions, x.dtype)
+        cos, sin = self.rope_tables(positions, torch.float32)
         x = self._decode_step.forward(x, cos[:, 0], sin[:, 0], kv.k, kv.v, slots, blocks, lengths, kv.block_size)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)  # float32: the logits are computed from it
 
     def _build_decode_step(self):
         from microserve import kernels
@@ -403,14 +412,21 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.cfg
         step = kernels.load().DecodeStep(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                                          cfg.rms_norm_eps)
+        def kernel_weight(lin):
+            """(weight, type, gemm_from): GGUF-format bytes, bfloat16 rows read as the BF16 format
+            (no copy), or float32 for BLAS (type 0)."""
+            if isinstance(lin, QuantLinear):
+                return lin.weight.data, lin.weight.type_id, lin.gemm_from
+            if lin.weight.dtype == torch.bfloat16:
+                return lin.weight.detach().view(torch.uint8), KERNEL_TYPES["BF16"], GEMM_FROM_ROWS
+            return lin.weight.detach().float(), 0, 0
+
         for layer in self.layers:
-            linears = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
-            quant = [isinstance(lin, QuantLinear) for lin in linears]
-            step.add_layer([lin.weight.data if q else lin.weight for lin, q in zip(linears, quant)],
-                           [lin.weight.type_id if q else 0 for lin, q in zip(linears, quant)],
-                           [lin.gemm_from if q else 0 for lin, q in zip(linears, quant)],
-                           layer.qkv_proj.bias, layer.input_layernorm, layer.post_attention_layernorm,
-                           getattr(layer, "q_norm", None), getattr(layer, "k_norm", None))
+            weights, types, gemm_from = zip(*(kernel_weight(lin) for lin in
+                                              (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)))
+            step.add_layer(list(weights), list(types), list(gemm_from), layer.qkv_proj.bias, layer.input_layernorm,
+                           layer.post_attention_layernorm, getattr(layer, "q_norm", None),
+                           getattr(layer, "k_norm", None))
         return step
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported for the loader)
@@ -77,8 +78,18 @@ class QuantLinear(nn.Module):
         self.gemm_from = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and 0 < self.gemm_from < x.shape[0]:
+            # Prefill in a bfloat16 model: the weight in bfloat16 (BF16 files: the file's bytes,
+            # no copy) for the bfloat16 GEMM, several times faster than float32's where the CPU
+            # has AVX512-BF16 or AMX.
+            return F.linear(x, self._bf16_weight(), None if self.bias is None else self.bias.to(x.dtype))
         y = self.kernels.linear(x.float(), self.weight.data, self.weight.type_id, self.bias, self.gemm_from)
         return y.to(x.dtype)
+
+    def _bf16_weight(self) -> torch.Tensor:
+        if self.weight.type_name == "BF16":
+            return self.weight.data.view(torch.bfloat16)
+        return self.weight.dequantize().to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.weight.type_name}"
