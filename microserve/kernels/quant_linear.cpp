@@ -125,25 +125,6 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
   }
 }
 
-// Row scales to float: d[b], and m[b] (the constant term per block: Q4_1's minimum, Q4_0's -8 d).
-void row_scales(int64_t type, const uint8_t* row, int64_t nb, float* d, float* m) {
-  const uint8_t* scales = row + nb * quant_bytes(type);
-  int64_t b = 0;
-#ifdef MS_SIMD
-  for (; b + 8 <= nb; b += 8) {
-    _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * b))));
-    if (type == T_Q4_1)
-      _mm256_storeu_ps(m + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * (nb + b)))));
-  }
-#endif
-  for (; b < nb; b++) {
-    d[b] = fp16_to_fp32(load_u16(scales + 2 * b));
-    if (type == T_Q4_1) m[b] = fp16_to_fp32(load_u16(scales + 2 * (nb + b)));
-  }
-  if (type == T_Q4_0)
-    for (b = 0; b < nb; b++) m[b] = -8.f * d[b];
-}
-
 #if defined(MS_AVX512)
 // 16 floats per vector; a block of 32 weights is 2 vectors.
 using vf = __m512;
@@ -212,18 +193,22 @@ constexpr int NV = QK / W;  // vectors per block of 32 weights
 constexpr int NR = 4;       // output rows per tile: each x load serves 4 rows, 4+ independent sums
 
 // Weights b*32 .. b*32+31 of a (repacked) row as float32: d[b] * q (+ m[b]), exactly the values
-// the dequantized reference holds, up to one rounding of the fused multiply-add.
+// the dequantized reference holds, up to one rounding of the fused multiply-add. The scales are
+// read from the row (nb blocks) as they are needed: one conversion each, no separate pass.
 template <int64_t TYPE>
-inline void unpack(const uint8_t* row, int64_t b, const float* d, const float* m, vf out[NV]) {
+inline void unpack(const uint8_t* row, int64_t b, int64_t nb, vf out[NV]) {
   if constexpr (TYPE == T_BF16) {
     for (int v = 0; v < NV; v++) out[v] = widen_bf16(row + 2 * (b * QK + v * W));
   } else if constexpr (TYPE == T_F16) {
     for (int v = 0; v < NV; v++) out[v] = widen_f16(row + 2 * (b * QK + v * W));
   } else if constexpr (TYPE == T_Q8_0) {
-    vf dv = vset1(d[b]);
+    vf dv = vset1(_cvtsh_ss(load_u16(row + nb * 32 + 2 * b)));
     for (int v = 0; v < NV; v++) out[v] = vmul(widen_i8(row + b * QK + v * W), dv);
   } else {  // Q4_0 (m = -8 d), Q4_1
-    vf dv = vset1(d[b]), mv = vset1(m[b]);
+    const uint8_t* scales = row + nb * 16;
+    float d = _cvtsh_ss(load_u16(scales + 2 * b));
+    float m = TYPE == T_Q4_1 ? _cvtsh_ss(load_u16(scales + 2 * (nb + b))) : -8.f * d;
+    vf dv = vset1(d), mv = vset1(m);
     nibbles(row + b * 16, out);
     for (int v = 0; v < NV; v++) out[v] = vfmadd(out[v], dv, mv);
   }
@@ -233,15 +218,15 @@ inline void unpack(const uint8_t* row, int64_t b, const float* d, const float* m
 // multiplied with MT rows of x. Each output is one vector accumulator, summed at the end, so its
 // value does not depend on R, MT or where a thread's range starts (batch invariance).
 template <int64_t TYPE, int R, int MT>
-void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t k, const float* d, const float* m,
-              float* y, int64_t n_total, int64_t n, int64_t m0) {
+void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t k, float* y, int64_t n_total,
+              int64_t n, int64_t m0) {
   vf acc[R][MT];
   for (int r = 0; r < R; r++)
     for (int i = 0; i < MT; i++) acc[r][i] = vzero();
   for (int64_t b = 0; b < nb; b++) {
     for (int r = 0; r < R; r++) {
       vf wv[NV];
-      unpack<TYPE>(w + (n + r) * rb, b, d + r * nb, m + r * nb, wv);
+      unpack<TYPE>(w + (n + r) * rb, b, nb, wv);
       for (int i = 0; i < MT; i++) {
         const float* xb = x + (m0 + i) * k + b * QK;
         for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[v], vload(xb + v * W), acc[r][i]);
@@ -253,14 +238,14 @@ void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t 
 }
 
 template <int64_t TYPE, int R>
-void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t m, int64_t k, const float* d,
-                  const float* mins, float* y, int64_t n_total, int64_t n) {
+void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t m, int64_t k, float* y,
+                  int64_t n_total, int64_t n) {
   int64_t m0 = 0;
-  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, k, d, mins, y, n_total, n, m0);
+  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, k, y, n_total, n, m0);
   switch (m - m0) {
-    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
-    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
-    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, k, d, mins, y, n_total, n, m0); break;
+    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, k, y, n_total, n, m0); break;
+    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, k, y, n_total, n, m0); break;
+    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, k, y, n_total, n, m0); break;
   }
 }
 
@@ -268,20 +253,9 @@ void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int6
 template <int64_t TYPE>
 void small_batch(const uint8_t* w, int64_t rb, const float* x, int64_t m, int64_t k, float* y, int64_t n0, int64_t n1,
                  int64_t n_total) {
-  int64_t nb = k / QK;
-  std::vector<float> d(NR * nb), mins(NR * nb);  // the tile's row scales, converted once
-  auto scales = [&](int64_t n, int r) {
-    if constexpr (TYPE != T_BF16 && TYPE != T_F16) row_scales(TYPE, w + (n + r) * rb, nb, &d[r * nb], &mins[r * nb]);
-  };
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    for (int r = 0; r < NR; r++) scales(n, r);
-    rows_times_x<TYPE, NR>(w, rb, nb, x, m, k, d.data(), mins.data(), y, n_total, n);
-  }
-  for (; n < n1; n++) {
-    scales(n, 0);
-    rows_times_x<TYPE, 1>(w, rb, nb, x, m, k, d.data(), mins.data(), y, n_total, n);
-  }
+  int64_t nb = k / QK, n = n0;
+  for (; n + NR <= n1; n += NR) rows_times_x<TYPE, NR>(w, rb, nb, x, m, k, y, n_total, n);
+  for (; n < n1; n++) rows_times_x<TYPE, 1>(w, rb, nb, x, m, k, y, n_total, n);
 }
 #endif
 
@@ -290,11 +264,9 @@ void small_batch(const uint8_t* w, int64_t rb, const float* x, int64_t m, int64_
 template <int64_t TYPE>
 void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {
   int64_t nb = k / QK;
-  std::vector<float> d(nb), m(nb);
-  if constexpr (TYPE != T_BF16 && TYPE != T_F16) row_scales(TYPE, row, nb, d.data(), m.data());
   for (int64_t b = 0; b < nb; b++) {
     vf wv[NV];
-    unpack<TYPE>(row, b, d.data(), m.data(), wv);
+    unpack<TYPE>(row, b, nb, wv);
     for (int v = 0; v < NV; v++) vstore(out + b * QK + v * W, wv[v]);
   }
 }
