@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "quant_linear.h"
@@ -34,10 +35,17 @@ struct Linear {
   int64_t gemm_from;
   c10::optional<torch::Tensor> bias;
 
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  // bf16_gemm: in a bfloat16 model, BF16 weights past `gemm_from` rows go to oneDNN's bfloat16
+  // GEMM on the weight's own bytes (activations rounded to bfloat16, as the Python path feeds them).
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16_gemm) const {
     if (type == 0) return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    if (bf16_gemm && type == kBF16Type && gemm_from > 0 && x.size(0) > gemm_from) {
+      auto y = at::linear(x.to(torch::kBFloat16), weight.view(torch::kBFloat16)).to(torch::kFloat32);
+      return bias.has_value() ? y.add_(*bias) : y;
+    }
     return linear(x, weight, type, bias, gemm_from);
   }
+  static constexpr int64_t kBF16Type = 30;
 };
 
 struct Layer {
@@ -153,6 +161,7 @@ class DecodeStep {
   torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                     torch::Tensor v_cache, torch::Tensor slots, torch::Tensor blocks, torch::Tensor lengths,
                     int64_t block_size) {
+    const bool bf16_kv = std::is_same_v<KV, c10::BFloat16>;  // a bfloat16 model
     x = x.to(torch::kFloat32).contiguous().clone();
     cos = cos.to(torch::kFloat32).contiguous();
     sin = sin.to(torch::kFloat32).contiguous();
@@ -172,7 +181,7 @@ class DecodeStep {
     for (size_t l = 0; l < layers_.size(); l++) {
       const Layer& layer = layers_[l];
       rms_norm(xp, layer.input_norm.data_ptr<float>(), hp, batch, hidden, eps_);
-      auto qkv = layer.qkv(h).contiguous();
+      auto qkv = layer.qkv(h, bf16_kv).contiguous();
       float* qp = qkv.template data_ptr<float>();
       KV* kc = k_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
       KV* vc = v_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
@@ -189,9 +198,9 @@ class DecodeStep {
       }
       attention(qp, kc, vc, blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), batch, max_blocks, block_size,
                 slots_per_layer, attn.data_ptr<float>());
-      x.add_(layer.o(attn));
+      x.add_(layer.o(attn, bf16_kv));
       rms_norm(xp, layer.post_norm.data_ptr<float>(), hp, batch, hidden, eps_);
-      auto gu = layer.gate_up(h).contiguous();
+      auto gu = layer.gate_up(h, bf16_kv).contiguous();
       const float* gp = gu.template data_ptr<float>();
       float* ap = act.data_ptr<float>();
       for (int64_t b = 0; b < batch; b++)
@@ -199,7 +208,7 @@ class DecodeStep {
           float g = gp[b * 2 * inter_ + i], u = gp[b * 2 * inter_ + inter_ + i];
           ap[b * inter_ + i] = g / (1.f + std::exp(-g)) * u;
         }
-      x.add_(layer.down(act));
+      x.add_(layer.down(act, bf16_kv));
     }
     return x;
   }
