@@ -137,7 +137,6 @@ inline vf vset1(float a) { return _mm512_set1_ps(a); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
-inline vf widen_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 inline vf widen_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -257,9 +256,7 @@ void small_batch(const uint8_t* w, int64_t rb, const float* x, int64_t m, int64_
   for (; n + NR <= n1; n += NR) rows_times_x<TYPE, NR>(w, rb, nb, x, m, k, y, n_total, n);
   for (; n < n1; n++) rows_times_x<TYPE, 1>(w, rb, nb, x, m, k, y, n_total, n);
 }
-#endif
 
-#ifdef MS_SIMD
 // One row to float32 with the same widening as the dot products (prefill's dense GEMM path).
 template <int64_t TYPE>
 void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {

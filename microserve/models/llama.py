@@ -521,16 +521,11 @@ class LlamaForCausalLM(nn.Module):
                 lin = getattr(layer, name)
                 weight = take(lin.weight)
                 if weight is not None:
-                    quant = QuantLinear(weight, lin.bias)
-                    if self.dtype == torch.bfloat16:
-                        quant.use_bf16_gemm()
-                    setattr(layer, name, quant)
+                    setattr(layer, name, QuantLinear(weight, lin.bias))
         if not self.cfg.tie_word_embeddings:
             weight = take(self.lm_head)
             if weight is not None:
                 self.quant_lm_head = QuantLinear(weight, None)
-                if self.dtype == torch.bfloat16:
-                    self.quant_lm_head.use_bf16_gemm()
                 self.lm_head = None
         weight = take(self.embed_tokens.weight)
         if weight is not None:
@@ -538,8 +533,10 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens = QuantEmbedding(weight, self.dtype)
             if self.cfg.tie_word_embeddings:
                 self.quant_lm_head = QuantLinear(weight, None)
-                if self.dtype == torch.bfloat16:
-                    self.quant_lm_head.use_bf16_gemm()
+        if self.dtype == torch.bfloat16:
+            for module in self.modules():
+                if isinstance(module, QuantLinear):
+                    module.use_bf16_gemm()
 
     def _destination(self, name, qkv_offsets, inter):
         if name == "embed_tokens.weight":
