@@ -19,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "quant_linear.cpp", "decode_step.cpp")]
-HEADERS = [Path(__file__).with_name(f) for f in ("quant_linear.h", "decode_step.h")]
+HEADERS = [Path(__file__).with_name(f) for f in ("formats.h", "quant_linear.h", "decode_step.h")]
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 
 

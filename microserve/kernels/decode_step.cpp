@@ -20,9 +20,9 @@
 
 #include "quant_linear.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-#define MS_AVX2 1
+#define MS_VEC 1
 #endif
 
 #include <c10/util/BFloat16.h>
@@ -35,17 +35,13 @@ struct Linear {
   int64_t gemm_from;
   c10::optional<torch::Tensor> bias;
 
-  // bf16_gemm: in a bfloat16 model, BF16 weights past `gemm_from` rows go to oneDNN's bfloat16
-  // GEMM on the weight's own bytes (activations rounded to bfloat16, as the Python path feeds them).
-  torch::Tensor operator()(const torch::Tensor& x, bool bf16_gemm) const {
+  // In a bfloat16 model, batches past `gemm_from` rows go to oneDNN's bfloat16 GEMM with the
+  // activations rounded to bfloat16, as the Python path feeds them; smaller ones stay in float32.
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16_model) const {
     if (type == 0) return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-    if (bf16_gemm && type == kBF16Type && gemm_from > 0 && x.size(0) > gemm_from) {
-      auto y = at::linear(x.to(torch::kBFloat16), weight.view(torch::kBFloat16)).to(torch::kFloat32);
-      return bias.has_value() ? y.add_(*bias) : y;
-    }
-    return linear(x, weight, type, bias, gemm_from);
+    bool bf16_gemm = bf16_model && gemm_from > 0 && x.size(0) > gemm_from;
+    return linear(bf16_gemm ? x.to(torch::kBFloat16) : x, weight, type, bias, gemm_from);
   }
-  static constexpr int64_t kBF16Type = 30;
 };
 
 struct Layer {
@@ -54,47 +50,87 @@ struct Layer {
   c10::optional<torch::Tensor> q_norm, k_norm;
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef MS_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+// Vectors of VW float32 for attention: cached values load widened from bfloat16 (its bits are
+// float32's upper half).
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int VW = 16;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset1(float a) { return _mm512_set1_ps(a); }
+inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(MS_VEC)
+using vec = __m256;
+constexpr int VW = 8;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset1(float a) { return _mm256_set1_ps(a); }
+inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline float vsum(vec v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  s = _mm_cvtss_f32(h);
+  return _mm_cvtss_f32(h);
+}
 #endif
-  for (; i < n; i++) s += a[i] * b[i];
+
+// q . k for a cached key k of n values.
+template <typename KV>
+inline float dot(const float* q, const KV* k, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef MS_VEC
+  vec acc0 = vzero(), acc1 = vzero();
+  for (; i + 2 * VW <= n; i += 2 * VW) {
+    acc0 = vfmadd(vload(q + i), vload(k + i), acc0);
+    acc1 = vfmadd(vload(q + i + VW), vload(k + i + VW), acc1);
+  }
+  s = vsum(acc0) + vsum(acc1);
+#endif
+  for (; i < n; i++) s += q[i] * float(k[i]);
   return s;
 }
 
-// A head's cached values as float32: `dst` when they need widening, else the cache itself.
-inline const float* as_float(const float* src, float*, int64_t) { return src; }
-inline const float* as_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#ifdef MS_AVX2
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+// o = sum over tokens of p[t] * v[t] (d values each), v[t] the cached row `rows[t]` of `v`. The
+// output stays in registers over all tokens, 64 values at a time (a store and reload of o per
+// token would chain every token's multiply-add through memory).
+template <typename KV>
+void weighted_sum(const float* p, const int64_t* rows, int64_t len, const KV* v, int64_t d, float* o) {
+  int64_t c = 0;
+#ifdef MS_VEC
+  constexpr int NA = 64 / VW;
+  for (; c + 64 <= d; c += 64) {
+    vec acc[NA];
+    for (int j = 0; j < NA; j++) acc[j] = vzero();
+    for (int64_t t = 0; t < len; t++) {
+      vec pt = vset1(p[t]);
+      const KV* vt = v + rows[t] * d + c;
+      for (int j = 0; j < NA; j++) acc[j] = vfmadd(pt, vload(vt + VW * j), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) vstore(o + c + VW * j, acc[j]);
   }
 #endif
-  for (; i < n; i++) dst[i] = float(src[i]);
-  return dst;
+  for (; c < d; c++) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < len; t++) acc += p[t] * float(v[rows[t] * d + c]);
+    o[c] = acc;
+  }
 }
 
 inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; i++) dst[i] = c10::BFloat16(src[i]);  // round to nearest even, as .to(bfloat16)
-}
-
-// y[i] += a * x[i]
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 // out = x / rms(x) * w, row by row (out may be x).
@@ -161,7 +197,7 @@ class DecodeStep {
   torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                     torch::Tensor v_cache, torch::Tensor slots, torch::Tensor blocks, torch::Tensor lengths,
                     int64_t block_size) {
-    const bool bf16_kv = std::is_same_v<KV, c10::BFloat16>;  // a bfloat16 model
+    const bool bf16_model = std::is_same_v<KV, c10::BFloat16>;  // a bfloat16 model
     x = x.to(torch::kFloat32).contiguous().clone();
     cos = cos.to(torch::kFloat32).contiguous();
     sin = sin.to(torch::kFloat32).contiguous();
@@ -181,7 +217,7 @@ class DecodeStep {
     for (size_t l = 0; l < layers_.size(); l++) {
       const Layer& layer = layers_[l];
       rms_norm(xp, layer.input_norm.data_ptr<float>(), hp, batch, hidden, eps_);
-      auto qkv = layer.qkv(h, bf16_kv).contiguous();
+      auto qkv = layer.qkv(h, bf16_model).contiguous();
       float* qp = qkv.template data_ptr<float>();
       KV* kc = k_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
       KV* vc = v_cache.data_ptr<KV>() + l * slots_per_layer * hkv_ * d_;
@@ -198,9 +234,9 @@ class DecodeStep {
       }
       attention(qp, kc, vc, blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), batch, max_blocks, block_size,
                 slots_per_layer, attn.data_ptr<float>());
-      x.add_(layer.o(attn, bf16_kv));
+      x.add_(layer.o(attn, bf16_model));
       rms_norm(xp, layer.post_norm.data_ptr<float>(), hp, batch, hidden, eps_);
-      auto gu = layer.gate_up(h, bf16_kv).contiguous();
+      auto gu = layer.gate_up(h, bf16_model).contiguous();
       const float* gp = gu.template data_ptr<float>();
       float* ap = act.data_ptr<float>();
       for (int64_t b = 0; b < batch; b++)
@@ -208,44 +244,48 @@ class DecodeStep {
           float g = gp[b * 2 * inter_ + i], u = gp[b * 2 * inter_ + inter_ + i];
           ap[b * inter_ + i] = g / (1.f + std::exp(-g)) * u;
         }
-      x.add_(layer.down(act, bf16_kv));
+      x.add_(layer.down(act, bf16_model));
     }
     return x;
   }
 
-  // Each query head over its sequence's cached keys, read through the block table.
+  // Each query head over its sequence's cached keys, read through the block table. One task per
+  // (sequence, query head): at batch 1 that is enough tasks to keep both threads busy.
   template <typename KV>
   void attention(const float* qkv, const KV* kc, const KV* vc, const int64_t* blocks, const int64_t* lengths,
                  int64_t batch, int64_t max_blocks, int64_t block_size, int64_t num_slots, float* out) const {
     const int64_t group = hq_ / hkv_, width = (hq_ + 2 * hkv_) * d_;
     const float scale = 1.f / std::sqrt(float(d_));
-    for (int64_t b = 0; b < batch; b++)
+    for (int64_t b = 0; b < batch; b++) {
       TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= max_blocks * block_size, "context length out of range");
-    at::parallel_for(0, batch * hkv_, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, widened(d_);
+      for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; i++)
+        TORCH_CHECK(blocks[b * max_blocks + i] >= 0 && (blocks[b * max_blocks + i] + 1) * block_size <= num_slots,
+                    "block table points outside the KV cache");
+    }
+    at::parallel_for(0, batch * hq_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      std::vector<int64_t> rows;
       for (int64_t task = begin; task < end; task++) {
-        int64_t b = task / hkv_, kvh = task % hkv_, len = lengths[b];
-        scores.resize(len * group);
+        const int64_t b = task / hq_, h = task % hq_, kvh = h / group, len = lengths[b];
+        const int64_t* table = blocks + b * max_blocks;
+        const float* q = qkv + b * width + h * d_;
+        // Token t's KV row: slot table[t / block_size] * block_size + t % block_size, for this kv head.
+        rows.resize(len);
+        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+          int64_t slot = table[t0 / block_size] * block_size, n = std::min(block_size, len - t0);
+          for (int64_t j = 0; j < n; j++) rows[t0 + j] = (slot + j) * hkv_ + kvh;
+        }
+        scores.resize(len);
+        float mx = -INFINITY;
         for (int64_t t = 0; t < len; t++) {
-          int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
-          TORCH_CHECK(s >= 0 && s < num_slots, "block table points outside the KV cache");
-          const float* k = as_float(kc + (s * hkv_ + kvh) * d_, widened.data(), d_);
-          for (int64_t g = 0; g < group; g++)
-            scores[g * len + t] = dot(qkv + b * width + (kvh * group + g) * d_, k, d_) * scale;
+          scores[t] = dot(q, kc + rows[t] * d_, d_) * scale;
+          mx = std::max(mx, scores[t]);
         }
-        for (int64_t g = 0; g < group; g++) {
-          float* sc = scores.data() + g * len;
-          float mx = sc[0];
-          for (int64_t t = 1; t < len; t++) mx = std::max(mx, sc[t]);
-          float sum = 0.f;
-          for (int64_t t = 0; t < len; t++) sum += (sc[t] = std::exp(sc[t] - mx));
-          float* o = out + b * hq_ * d_ + (kvh * group + g) * d_;
-          std::fill(o, o + d_, 0.f);
-          for (int64_t t = 0; t < len; t++) {
-            int64_t s = blocks[b * max_blocks + t / block_size] * block_size + t % block_size;
-            axpy(sc[t] / sum, as_float(vc + (s * hkv_ + kvh) * d_, widened.data(), d_), o, d_);
-          }
-        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; t++) sum += (scores[t] = std::exp(scores[t] - mx));
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; t++) scores[t] *= inv;
+        weighted_sum(scores.data(), rows.data(), len, vc, d_, out + b * hq_ * d_ + h * d_);
       }
     });
   }

@@ -15,11 +15,14 @@
 
 #include "quant_linear.h"
 
+#include "formats.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -33,33 +36,7 @@
 
 namespace {
 
-// ggml type ids, as in the GGUF file.
-constexpr int64_t T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_BF16 = 30;
-constexpr int64_t QK = 32;  // elements per block of the block formats
-
-// Block formats are repacked at load (`repack`) from the file's array of blocks into, per row:
-// all blocks' quants, then all blocks' fp16 scales d, then (Q4_1) all fp16 minimums m. Same
-// bytes as the file; the scales of a row then convert to float 8 at a time.
-int64_t quant_bytes(int64_t type) { return type == T_Q8_0 ? 32 : 16; }
-int64_t block_bytes(int64_t type) { return type == T_Q8_0 ? 34 : type == T_Q4_0 ? 18 : 20; }
-
-int64_t row_bytes(int64_t type, int64_t k) {
-  switch (type) {
-    case T_Q8_0: return k / QK * 34;
-    case T_Q4_0: return k / QK * 18;
-    case T_Q4_1: return k / QK * 20;
-    case T_BF16: case T_F16: return 2 * k;
-  }
-  TORCH_CHECK(false, "unsupported weight type ", type);
-}
-
-bool is_block_type(int64_t type) { return type == T_Q8_0 || type == T_Q4_0 || type == T_Q4_1; }
-
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
+using namespace formats;
 
 inline float fp16_to_fp32(uint16_t h) {
 #ifdef MS_SIMD
@@ -134,8 +111,9 @@ inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vset1(float a) { return _mm512_set1_ps(a); }
-inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
 inline vf widen_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -145,12 +123,27 @@ inline vf widen_bf16(const uint8_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline vf widen_f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-// The 16 bytes of a 4-bit block: low nibbles are elements 0..15, high nibbles 16..31.
-inline void nibbles(const uint8_t* q, vf out[]) {
-  __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(15)));
-  out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(t, 4));
+// 2W bfloat16 values as float32: the even elements, then the odd ones (each 32-bit lane holds an
+// even element in its low half and the next odd one in its high half: two instructions, no widening).
+inline void split_bf16(const uint8_t* p, vf out[2]) {
+  __m512i v = _mm512_loadu_si512(p);
+  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
 }
+// The 16 bytes of a 4-bit block as floats through a 16-entry table (vpermps reads an index's low
+// 4 bits, so low nibbles need no mask): elements 0..15 (low nibbles), then 16..31 (high nibbles).
+inline void nibbles(const uint8_t* q, vf table, vf out[]) {
+  __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  out[0] = _mm512_permutexvar_ps(t, table);
+  out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), table);
+}
+inline vf nibble_table() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// Up to 16 fp16 values as float32, zeros past n.
+inline void load_fp16(const uint8_t* p, int n, float* out) {
+  __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
+}
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #elif defined(MS_AVX2)
 // 8 floats per vector; a block of 32 weights is 4 vectors.
 using vf = __m256;
@@ -160,8 +153,9 @@ inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vset1(float a) { return _mm256_set1_ps(a); }
-inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -176,7 +170,12 @@ inline vf widen_bf16(const uint8_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline vf widen_f16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void nibbles(const uint8_t* q, vf out[]) {
+inline void split_bf16(const uint8_t* p, vf out[2]) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  out[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+}
+inline void nibbles(const uint8_t* q, vf, vf out[]) {
   __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   __m128i mask = _mm_set1_epi8(15);
   __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
@@ -185,86 +184,172 @@ inline void nibbles(const uint8_t* q, vf out[]) {
   out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
   out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
+inline vf nibble_table() { return _mm256_setzero_ps(); }  // unused: AVX2 converts the integers
+inline void load_fp16(const uint8_t* p, int n, float* out) {
+  if (n == 16) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    return;
+  }
+  for (int i = 0; i < 16; i++) out[i] = i < n ? _cvtsh_ss(load_u16(p + 2 * i)) : 0.f;
+}
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #endif
 
 #ifdef MS_SIMD
-constexpr int NV = QK / W;  // vectors per block of 32 weights
-constexpr int NR = 4;       // output rows per tile: each x load serves 4 rows, 4+ independent sums
+constexpr int NV = QK / W;   // vectors per block of 32 weights
+constexpr int NR = 4;        // output rows per tile: each x load serves 4 rows, 4+ independent sums
+constexpr int CHUNK = 16;    // blocks whose scales are converted to float32 together
+constexpr int PREFETCH = 4;  // tiles ahead whose weights are fetched into the cache
 
-// Weights b*32 .. b*32+31 of a (repacked) row as float32: d[b] * q (+ m[b]), exactly the values
-// the dequantized reference holds, up to one rounding of the fused multiply-add. The scales are
-// read from the row (nb blocks) as they are needed: one conversion each, no separate pass.
+constexpr bool scaled(int64_t type) { return is_block_type(type); }
+// 4-bit formats add a minimum m per block: Q4_1's own, Q4_0's -8 d (its quants are q - 8).
+constexpr bool has_min(int64_t type) { return type == T_Q4_0 || type == T_Q4_1; }
+
+// Block b of a row as float32 vectors in the order its dot product reads them: for the block
+// formats the integer quants q, scaled by d after the dot product; BF16 even elements
+// first, then odd ones, in groups of 2W (x is reordered to match, `reorder_for_bf16`); F16 as is.
 template <int64_t TYPE>
-inline void unpack(const uint8_t* row, int64_t b, int64_t nb, vf out[NV]) {
+inline void quants(const uint8_t* row, int64_t b, vf table, vf out[NV]) {
   if constexpr (TYPE == T_BF16) {
-    for (int v = 0; v < NV; v++) out[v] = widen_bf16(row + 2 * (b * QK + v * W));
+    for (int v = 0; v < NV; v += 2) split_bf16(row + 2 * (b * QK + v * W), out + v);
   } else if constexpr (TYPE == T_F16) {
     for (int v = 0; v < NV; v++) out[v] = widen_f16(row + 2 * (b * QK + v * W));
   } else if constexpr (TYPE == T_Q8_0) {
-    vf dv = vset1(_cvtsh_ss(load_u16(row + nb * 32 + 2 * b)));
-    for (int v = 0; v < NV; v++) out[v] = vmul(widen_i8(row + b * QK + v * W), dv);
-  } else {  // Q4_0 (m = -8 d), Q4_1
-    const uint8_t* scales = row + nb * 16;
-    float d = _cvtsh_ss(load_u16(scales + 2 * b));
-    float m = TYPE == T_Q4_1 ? _cvtsh_ss(load_u16(scales + 2 * (nb + b))) : -8.f * d;
-    vf dv = vset1(d), mv = vset1(m);
-    nibbles(row + b * 16, out);
-    for (int v = 0; v < NV; v++) out[v] = vfmadd(out[v], dv, mv);
+    for (int v = 0; v < NV; v++) out[v] = widen_i8(row + b * QK + v * W);
+  } else {
+    nibbles(row + b * 16, table, out);
   }
 }
 
-// y[m0..m0+MT) x [n..n+R) for R consecutive weight rows: each block of a row is widened once and
-// multiplied with MT rows of x. Each output is one vector accumulator, summed at the end, so its
+// x rows with each group of 2W values reordered even elements first, as `quants` gives BF16 weights.
+std::vector<float> reorder_for_bf16(const float* x, int64_t m, int64_t k) {
+  std::vector<float> out(m * k);
+  for (int64_t i = 0; i < m * k; i += 2 * W)
+    for (int j = 0; j < W; j++) {
+      out[i + j] = x[i + 2 * j];
+      out[i + W + j] = x[i + 2 * j + 1];
+    }
+  return out;
+}
+
+// The sum of each block of each x row ([m, nbp], zero past nb): the 4-bit formats' minimums multiply it.
+std::vector<float> block_sums(const float* x, int64_t m, int64_t k, int64_t nbp) {
+  std::vector<float> out(m * nbp, 0.f);
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t b = 0; b < k / QK; b++) {
+      vf s = vload(x + i * k + b * QK);
+      for (int v = 1; v < NV; v++) s = vadd(s, vload(x + i * k + b * QK + v * W));
+      out[i * nbp + b] = hsum(s);
+    }
+  return out;
+}
+
+// While a tile reads its `bytes` of weight rows, fetch the span PREFETCH tiles ahead, spread over
+// its nb blocks: weights stream from memory at batch 1, and the hardware prefetcher alone leaves
+// the loop waiting on it (measured on the built-in model's layers).
+inline void prefetch_ahead(const uint8_t* tile, int64_t bytes, int64_t b, int64_t nb) {
+  const uint8_t* next = tile + PREFETCH * bytes;
+  int64_t lines = (bytes + 63) / 64, from = b * lines / nb, to = (b + 1) * lines / nb;
+  for (int64_t l = from; l < to; l++) prefetch(next + 64 * l);
+}
+
+// y[m0..m0+MT) x [n..n+R) for R consecutive weight rows: each block of a row is unpacked once and
+// multiplied with MT rows of x. A block format's block sums q.x are scaled by d once (and the
+// 4-bit formats add m * the block's sum of x). Each output is one vector accumulator, summed at the end, so its
 // value does not depend on R, MT or where a thread's range starts (batch invariance).
 template <int64_t TYPE, int R, int MT>
-void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t k, float* y, int64_t n_total,
-              int64_t n, int64_t m0) {
-  vf acc[R][MT];
+void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t k,
+              float* y, int64_t n_total, int64_t n, int64_t m0) {
+  const vf table = nibble_table();
+  vf acc[R][MT], macc[R][MT];
   for (int r = 0; r < R; r++)
-    for (int i = 0; i < MT; i++) acc[r][i] = vzero();
-  for (int64_t b = 0; b < nb; b++) {
-    for (int r = 0; r < R; r++) {
-      vf wv[NV];
-      unpack<TYPE>(w + (n + r) * rb, b, nb, wv);
-      for (int i = 0; i < MT; i++) {
-        const float* xb = x + (m0 + i) * k + b * QK;
-        for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[v], vload(xb + v * W), acc[r][i]);
+    for (int i = 0; i < MT; i++) acc[r][i] = macc[r][i] = vzero();
+  for (int64_t b0 = 0; b0 < nb; b0 += CHUNK) {
+    const int cnt = int(std::min<int64_t>(CHUNK, nb - b0));
+    alignas(64) float d[R][CHUNK];
+    if constexpr (scaled(TYPE)) {
+      for (int r = 0; r < R; r++) {
+        const uint8_t* sc = w + (n + r) * rb + nb * quant_bytes(TYPE);
+        load_fp16(sc + 2 * b0, cnt, d[r]);
+        if constexpr (has_min(TYPE)) {
+          alignas(64) float mins[CHUNK];
+          if constexpr (TYPE == T_Q4_1) {
+            load_fp16(sc + 2 * (nb + b0), cnt, mins);
+          } else {
+            for (int c = 0; c < CHUNK; c++) mins[c] = -8.f * d[r][c];
+          }
+          for (int i = 0; i < MT; i++)
+            for (int c = 0; c < CHUNK; c += W)
+              macc[r][i] = vfmadd(vload(mins + c), vload(xsum + (m0 + i) * nbp + b0 + c), macc[r][i]);
+        }
+      }
+    }
+    for (int j = 0; j < cnt; j++) {
+      const int64_t b = b0 + j;
+      prefetch_ahead(w + n * rb, R * rb, b, nb);
+      for (int r = 0; r < R; r++) {
+        vf wv[NV];
+        quants<TYPE>(w + (n + r) * rb, b, table, wv);
+        for (int i = 0; i < MT; i++) {
+          const float* xb = x + (m0 + i) * k + b * QK;
+          if constexpr (scaled(TYPE)) {
+            vf s = vmul(wv[0], vload(xb));
+            for (int v = 1; v < NV; v++) s = vfmadd(wv[v], vload(xb + v * W), s);
+            acc[r][i] = vfmadd(s, vset1(d[r][j]), acc[r][i]);
+          } else {
+            for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[v], vload(xb + v * W), acc[r][i]);
+          }
+        }
       }
     }
   }
   for (int r = 0; r < R; r++)
-    for (int i = 0; i < MT; i++) y[(m0 + i) * n_total + n + r] = hsum(acc[r][i]);
+    for (int i = 0; i < MT; i++)
+      y[(m0 + i) * n_total + n + r] = hsum(acc[r][i]) + (has_min(TYPE) ? hsum(macc[r][i]) : 0.f);
 }
 
 template <int64_t TYPE, int R>
-void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, int64_t m, int64_t k, float* y,
-                  int64_t n_total, int64_t n) {
+void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t m,
+                  int64_t k, float* y, int64_t n_total, int64_t n) {
   int64_t m0 = 0;
-  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, k, y, n_total, n, m0);
+  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0);
   switch (m - m0) {
-    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, k, y, n_total, n, m0); break;
-    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, k, y, n_total, n, m0); break;
-    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, k, y, n_total, n, m0); break;
+    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
+    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
+    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
   }
 }
 
-// Rows [n0, n1) of y = x W^T for all m rows of x.
+// Rows [n0, n1) of y = x W^T for all m rows of x (x reordered for BF16, xsum for 4-bit formats).
 template <int64_t TYPE>
-void small_batch(const uint8_t* w, int64_t rb, const float* x, int64_t m, int64_t k, float* y, int64_t n0, int64_t n1,
-                 int64_t n_total) {
+void small_batch(const uint8_t* w, int64_t rb, const float* x, const float* xsum, int64_t nbp, int64_t m, int64_t k,
+                 float* y, int64_t n0, int64_t n1, int64_t n_total) {
   int64_t nb = k / QK, n = n0;
-  for (; n + NR <= n1; n += NR) rows_times_x<TYPE, NR>(w, rb, nb, x, m, k, y, n_total, n);
-  for (; n < n1; n++) rows_times_x<TYPE, 1>(w, rb, nb, x, m, k, y, n_total, n);
+  for (; n + NR <= n1; n += NR) rows_times_x<TYPE, NR>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n);
+  for (; n < n1; n++) rows_times_x<TYPE, 1>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n);
 }
 
-// One row to float32 with the same widening as the dot products (prefill's dense GEMM path).
+// One row to float32 (prefill's dense GEMM path): d * q (+ m), or the 16-bit values widened.
 template <int64_t TYPE>
 void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {
   int64_t nb = k / QK;
+  const vf table = nibble_table();
   for (int64_t b = 0; b < nb; b++) {
-    vf wv[NV];
-    unpack<TYPE>(row, b, nb, wv);
-    for (int v = 0; v < NV; v++) vstore(out + b * QK + v * W, wv[v]);
+    if constexpr (TYPE == T_BF16 || TYPE == T_F16) {
+      for (int v = 0; v < NV; v++) {
+        const uint8_t* p = row + 2 * (b * QK + v * W);
+        vstore(out + b * QK + v * W, TYPE == T_BF16 ? widen_bf16(p) : widen_f16(p));
+      }
+    } else {
+      const uint8_t* sc = row + nb * quant_bytes(TYPE);
+      float scale = _cvtsh_ss(load_u16(sc + 2 * b));
+      vf d = vset1(scale);
+      vf m = vset1(TYPE == T_Q4_1 ? _cvtsh_ss(load_u16(sc + 2 * (nb + b))) : TYPE == T_Q4_0 ? -8.f * scale : 0.f);
+      vf wv[NV];
+      quants<TYPE>(row, b, table, wv);
+      for (int v = 0; v < NV; v++) vstore(out + b * QK + v * W, vfmadd(wv[v], d, m));
+    }
   }
 }
 #endif
@@ -344,16 +429,23 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
 
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t type, const c10::optional<torch::Tensor>& bias,
                      int64_t gemm_from) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.dtype() == torch::kFloat32, "x: float32 [M, K]");
+  const bool bf16 = x_in.dtype() == torch::kBFloat16;
+  TORCH_CHECK(x_in.dim() == 2 && (bf16 || x_in.dtype() == torch::kFloat32), "x: float32 or bfloat16 [M, K]");
   int64_t m = x_in.size(0), k = x_in.size(1), n = w.size(0);
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, bytes]");
   TORCH_CHECK(w.size(1) == row_bytes(type, k), "weight rows have ", w.size(1), " bytes, expected ",
               row_bytes(type, k), " for K=", k);
   TORCH_CHECK(k % QK == 0, "K must be a multiple of 32");
+  auto with_bias = [&](torch::Tensor y) { return bias.has_value() ? y.add_(*bias) : y; };
   if (gemm_from > 0 && m > gemm_from) {
+    if (bf16) {  // bfloat16 GEMM (oneDNN): BF16 weights as they are, others dequantized to bfloat16
+      auto dense = type == T_BF16 ? w.view(torch::kBFloat16) : dequantize(w, type, k, c10::nullopt).to(torch::kBFloat16);
+      return with_bias(at::linear(x_in, dense).to(torch::kFloat32));
+    }
     auto dense = dequantize(w, type, k, c10::nullopt);
     return bias.has_value() ? at::addmm(*bias, x_in, dense.t()) : at::mm(x_in, dense.t());
   }
+  if (bf16) return linear(x_in.to(torch::kFloat32), w, type, bias, gemm_from);
   auto x = x_in.contiguous();
   auto y = torch::empty({m, n}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
@@ -362,20 +454,27 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
   int64_t rb = w.size(1);
   int64_t grain = std::max<int64_t>(8, n / (4 * at::get_num_threads()));
 #ifdef MS_SIMD
+  std::vector<float> reordered, xsum;
+  int64_t nbp = (k / QK + CHUNK - 1) / CHUNK * CHUNK;
+  if (type == T_BF16) {
+    reordered = reorder_for_bf16(xp, m, k);
+    xp = reordered.data();
+  }
+  if (has_min(type)) xsum = block_sums(xp, m, k, nbp);
+  const float* xs = xsum.data();
   at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) {
     switch (type) {
-      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, m, k, yp, a, b, n); break;
-      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, m, k, yp, a, b, n); break;
-      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, m, k, yp, a, b, n); break;
-      case T_BF16: small_batch<T_BF16>(wp, rb, xp, m, k, yp, a, b, n); break;
-      case T_F16: small_batch<T_F16>(wp, rb, xp, m, k, yp, a, b, n); break;
+      case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_BF16: small_batch<T_BF16>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_F16: small_batch<T_F16>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
     }
   });
 #else
   at::parallel_for(0, n, grain, [&](int64_t a, int64_t b) { small_batch_generic(type, wp, rb, xp, m, k, yp, a, b, n); });
 #endif
-  if (bias.has_value()) y.add_(*bias);
-  return y;
+  return with_bias(y);
 }
 
 std::string simd() {

@@ -9,8 +9,9 @@ torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k);
 // Rows of a repacked weight (all of them when `rows` is empty) as float32 [rows, k].
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows);
 
-// y = x W^T (+ bias), x float32 [M, K], W repacked. Batches of more than `gemm_from` rows
-// dequantize W and use the BLAS GEMM; 0 never does (each row's result is then batch-invariant).
+// y = x W^T (+ bias) as float32, x float32 or bfloat16 [M, K], W repacked. Batches of more than
+// `gemm_from` rows dequantize W and use the BLAS GEMM (bfloat16's for bfloat16 x); 0 never does
+// (each row's result is then batch-invariant). Smaller batches run the kernels' own loop in float32.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t type,
                      const c10::optional<torch::Tensor>& bias, int64_t gemm_from);
 

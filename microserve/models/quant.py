@@ -87,18 +87,12 @@ class QuantLinear(nn.Module):
         self.gemm_from = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and 0 < self.gemm_from < x.shape[0]:
-            # Prefill in a bfloat16 model: the weight in bfloat16 (BF16 files: the file's bytes,
-            # no copy) for the bfloat16 GEMM, several times faster than float32's where the CPU
-            # has AVX512-BF16 or AMX.
-            return F.linear(x, self._bf16_weight(), None if self.bias is None else self.bias.to(x.dtype))
-        y = self.kernels.linear(x.float(), self.weight.data, self.weight.type_id, self.bias, self.gemm_from)
+        # bfloat16 activations go in as they are: the kernels multiply them with `vdpbf16ps`
+        # (AVX512-BF16), or past `gemm_from` rows use the bfloat16 GEMM, several times faster than
+        # float32's there (BF16 files: on the file's bytes, no copy).
+        y = self.kernels.linear(x if x.dtype == torch.bfloat16 else x.float(), self.weight.data,
+                                self.weight.type_id, self.bias, self.gemm_from)
         return y.to(x.dtype)
-
-    def _bf16_weight(self) -> torch.Tensor:
-        if self.weight.type_name == "BF16":
-            return self.weight.data.view(torch.bfloat16)
-        return self.weight.dequantize().to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.weight.type_name}"
