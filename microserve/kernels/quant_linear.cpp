@@ -326,6 +326,9 @@ template <int64_t TYPE>
 void small_batch(const uint8_t* w, int64_t rb, const float* x, const float* xsum, int64_t nbp, int64_t m, int64_t k,
                  float* y, int64_t n0, int64_t n1, int64_t n_total) {
   int64_t nb = k / QK, n = n0;
+  // The first PREFETCH tiles, which no earlier tile fetches ahead.
+  const uint8_t* first = w + n0 * rb;
+  for (int64_t off = 0; off < std::min<int64_t>(PREFETCH * NR, n1 - n0) * rb; off += 64) prefetch(first + off);
   for (; n + NR <= n1; n += NR) rows_times_x<TYPE, NR>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n);
   for (; n < n1; n++) rows_times_x<TYPE, 1>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n);
 }
