@@ -85,6 +85,64 @@ inline float vsum(vec v) {
 }
 #endif
 
+#if defined(__AVX512F__)
+inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vscale2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+inline vec vclamp(vec v, float lo, float hi) { return _mm512_max_ps(_mm512_min_ps(v, vset1(hi)), vset1(lo)); }
+#elif defined(MS_VEC)
+inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vscale2(vec y, vec n) {
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline vec vclamp(vec v, float lo, float hi) { return _mm256_max_ps(_mm256_min_ps(v, vset1(hi)), vset1(lo)); }
+#endif
+
+#ifdef MS_VEC
+// e^x for VW floats: x = n ln2 + r, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n. The
+// clamp keeps 2^n a normal float32 (e^-87.3 ~ 1e-38 stands in for 0, e^88 for overflow).
+inline vec vexp(vec x) {
+  x = vclamp(x, -87.3f, 88.0f);
+  vec n = vround(vfmadd(x, vset1(1.44269504088896341f), vzero()));
+  x = vfmadd(n, vset1(-0.693359375f), x);
+  x = vfmadd(n, vset1(2.12194440e-4f), x);
+  vec p = vset1(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = vfmadd(p, x, vset1(c));
+  vec y = vfmadd(p, vfmadd(x, x, vzero()), vfmadd(x, vset1(1.f), vset1(1.f)));
+  return vscale2(y, n);
+}
+#endif
+
+// x[i] = e^(x[i] - shift); returns their sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef MS_VEC
+  vec acc = vzero();
+  for (; i + VW <= n; i += VW) {
+    vec e = vexp(vload(x + i) - vset1(shift));
+    vstore(x + i, e);
+    acc = acc + e;
+  }
+  sum = vsum(acc);
+#endif
+  for (; i < n; i++) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
+}
+
+// out[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u.
+inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef MS_VEC
+  for (; i + VW <= n; i += VW) {
+    vec gv = vload(g + i);
+    vstore(out + i, gv / (vset1(1.f) + vexp(vzero() - gv)) * vload(u + i));
+  }
+#endif
+  for (; i < n; i++) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 // q . k for a cached key k of n values.
 template <typename KV>
 inline float dot(const float* q, const KV* k, int64_t n) {
@@ -148,7 +206,8 @@ void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t 
 void rope(float* x, const float* cos, const float* sin, int64_t d) {
   float tmp[512];
   int64_t half = d / 2;
-  for (int64_t i = 0; i < d; i++) tmp[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
+  for (int64_t i = 0; i < half; i++) tmp[i] = x[i] * cos[i] + x[i + half] * sin[i];
+  for (int64_t i = half; i < d; i++) tmp[i] = x[i] * cos[i] + x[i - half] * sin[i];
   std::memcpy(x, tmp, d * sizeof(float));
 }
 
@@ -240,10 +299,7 @@ class DecodeStep {
       const float* gp = gu.template data_ptr<float>();
       float* ap = act.data_ptr<float>();
       for (int64_t b = 0; b < batch; b++)
-        for (int64_t i = 0; i < inter_; i++) {
-          float g = gp[b * 2 * inter_ + i], u = gp[b * 2 * inter_ + inter_ + i];
-          ap[b * inter_ + i] = g / (1.f + std::exp(-g)) * u;
-        }
+        silu_mul(gp + b * 2 * inter_, gp + b * 2 * inter_ + inter_, ap + b * inter_, inter_);
       x.add_(layer.down(act, bf16_model));
     }
     return x;
@@ -281,8 +337,7 @@ class DecodeStep {
           scores[t] = dot(q, kc + rows[t] * d_, d_) * scale;
           mx = std::max(mx, scores[t]);
         }
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; t++) sum += (scores[t] = std::exp(scores[t] - mx));
+        const float sum = exp_shifted(scores.data(), len, mx);
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < len; t++) scores[t] *= inv;
         weighted_sum(scores.data(), rows.data(), len, vc, d_, out + b * hq_ * d_ + h * d_);
