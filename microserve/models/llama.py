@@ -18,7 +18,8 @@ from torch import nn
 from microserve.config import ModelConfig
 from microserve.errors import UserError
 from microserve.models.deterministic import fixed_order_attention, gemm_rows, padded_rows_call
-from microserve.models.quant import GEMM_FROM_ROWS, KERNEL_TYPES, GGUFWeight, QuantEmbedding, QuantLinear, concat_rows
+from microserve.models.quant import (GEMM_FROM_ROWS, KERNEL_TYPES, GGUFWeight, QuantEmbedding, QuantLinear, concat_rows,
+                                     padded_rows)
 
 
 @dataclass
@@ -198,21 +199,6 @@ def cpu_has_fast_bf16() -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def padded_rows(n: int) -> int:
-    """The row count a packed GEMM runs with for `n` tokens: exact up to 16 (decode
-    batches), then rounded up to a multiple of 16, and of 128 past 512.
-
-    oneDNN builds and caches a kernel for every distinct shape it sees (up to 1024 of
-    them), so a token count that varies step by step would grow the engine's memory by
-    hundreds of MB over a long run. Rounding keeps it to ~75 shapes per weight up to 4096
-    tokens; the padded rows cost little because small GEMMs are bound by reading W.
-    """
-    if n <= 16:
-        return n
-    step = 16 if n <= 512 else 128
-    return -(-n // step) * step
 
 
 class PackedLinear(nn.Module):
@@ -458,20 +444,28 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def warm_up_packed_linears(self, max_tokens: int, max_seqs: int) -> None:
-        """Run every packed GEMM once at each row count a step can give it.
+        """Run every oneDNN GEMM once at each row count a step can give it: the packed
+        bfloat16 linears, and the bfloat16 GEMM GGUF-format linears use past their loop's rows.
 
         oneDNN builds a kernel per shape on first use (a few ms, plus memory it keeps);
         doing it here makes the engine's memory flat from the start and spares the first
         requests of each new batch size that stall. Kernels are shared by all layers, so
         layer 0's weights stand in for every layer.
         """
-        if self.packed_lm_head is None or not self.layers:
+        if self.dtype != torch.bfloat16 or self.norm.device.type != "cpu" or not self.layers:
             return
         layer = self.layers[0]
+        head = self.packed_lm_head if self.packed_lm_head is not None else self.quant_lm_head
         for lin, limit in [(layer.qkv_proj, max_tokens), (layer.o_proj, max_tokens), (layer.gate_up_proj, max_tokens),
-                           (layer.down_proj, max_tokens), (self.packed_lm_head, max_seqs)]:
+                           (layer.down_proj, max_tokens), (head, max_seqs)]:
+            if isinstance(lin, PackedLinear):
+                first = 1
+            elif isinstance(lin, QuantLinear) and lin.gemm_from > 0:
+                first = lin.gemm_from + 1
+            else:
+                continue
             x = torch.zeros(padded_rows(limit), lin.in_features, dtype=torch.bfloat16)
-            for rows in sorted({padded_rows(n) for n in range(1, limit + 1)}):
+            for rows in sorted({padded_rows(n) for n in range(first, limit + 1)}):
                 lin(x[:rows])
 
     def load_hf_weights(self, weights):

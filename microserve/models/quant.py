@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported for the loader)
@@ -27,6 +26,21 @@ GEMM_FROM_ROWS = 32
 # the BF16 SmolLM2 file (AVX512-BF16, 2 threads): decode batch 32 192 tok/s with it against 158
 # with the loop, batch 8 81 against 137; so past 16 rows.
 BF16_GEMM_FROM_ROWS = 16
+
+
+def padded_rows(n: int) -> int:
+    """The row count a packed GEMM runs with for `n` tokens: exact up to 16 (decode
+    batches), then rounded up to a multiple of 16, and of 128 past 512.
+
+    oneDNN builds and caches a kernel for every distinct shape it sees (up to 1024 of
+    them), so a token count that varies step by step would grow the engine's memory by
+    hundreds of MB over a long run. Rounding keeps it to ~75 shapes per weight up to 4096
+    tokens; the padded rows cost little because small GEMMs are bound by reading W.
+    """
+    if n <= 16:
+        return n
+    step = 16 if n <= 512 else 128
+    return -(-n // step) * step
 
 
 @dataclass
@@ -87,9 +101,13 @@ class QuantLinear(nn.Module):
         self.gemm_from = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bfloat16 activations go in as they are: the kernels multiply them with `vdpbf16ps`
-        # (AVX512-BF16), or past `gemm_from` rows use the bfloat16 GEMM, several times faster than
-        # float32's there (BF16 files: on the file's bytes, no copy).
+        # bfloat16 activations past `gemm_from` rows go to the bfloat16 GEMM, several times faster
+        # than float32's there (BF16 files: on the file's bytes, no copy), on `padded_rows` rows
+        # so that oneDNN keeps a bounded number of kernels. Smaller batches run the kernels'
+        # float32 loop.
+        n = x.shape[0]
+        if x.dtype == torch.bfloat16 and x.dim() == 2 and 0 < self.gemm_from < n and padded_rows(n) != n:
+            return self(torch.cat([x, x.new_zeros(padded_rows(n) - n, x.shape[1])]))[:n]
         y = self.kernels.linear(x if x.dtype == torch.bfloat16 else x.float(), self.weight.data,
                                 self.weight.type_id, self.bias, self.gemm_from)
         return y.to(x.dtype)
