@@ -65,6 +65,9 @@ inline vec vset1(float a) { return _mm512_set1_ps(a); }
 inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vscale2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+inline vec vclamp(vec v, float lo, float hi) { return _mm512_max_ps(_mm512_min_ps(v, vset1(hi)), vset1(lo)); }
 #elif defined(MS_VEC)
 using vec = __m256;
 constexpr int VW = 8;
@@ -83,13 +86,6 @@ inline float vsum(vec v) {
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   return _mm_cvtss_f32(h);
 }
-#endif
-
-#if defined(__AVX512F__)
-inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline vec vscale2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
-inline vec vclamp(vec v, float lo, float hi) { return _mm512_max_ps(_mm512_min_ps(v, vset1(hi)), vset1(lo)); }
-#elif defined(MS_VEC)
 inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vec vscale2(vec y, vec n) {
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
