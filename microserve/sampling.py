@@ -68,6 +68,11 @@ class SampleResult:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: Exception | None = None  # sampling failed for this row alone; its request must fail
+
+
+def failed(error: Exception) -> SampleResult:
+    return SampleResult(token_id=-1, error=error)
 
 
 class Sampler:
@@ -79,20 +84,57 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits, rows) -> list[SampleResult]:
-        """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`."""
+        """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`.
+
+        A row whose parameters make sampling fail gets a result with `error` set; the other
+        rows of the batch are sampled as if it were not there.
+        """
         import torch
 
-        b = logits.shape[0]
-        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        # The logits come out of the model's inference mode; editing them in place (penalties,
+        # min_tokens) is only allowed inside it, and nothing here needs autograd anyway.
+        with torch.inference_mode():
+            # Logprobs are the model's own (before penalties and masks), as OpenAI's are.
+            want = [r.params.logprobs is not None for r in rows]
+            raw_logprobs = torch.log_softmax(logits[want], dim=-1) if any(want) else None
+            errors = self._constrain(logits, rows)
+            try:
+                results = self._choose(logits, rows, raw_logprobs)
+            except Exception:  # find the row at fault: each alone, so the rest still get tokens
+                results = [self._choose_alone(logits, rows, raw_logprobs, i) for i in range(len(rows))]
+        for i, error in errors.items():
+            results[i] = failed(error)
+        return results
 
+    def _constrain(self, logits, rows) -> dict[int, Exception]:
+        """Penalties and min_tokens, row by row, in place; the errors by row."""
+        errors = {}
         for i, r in enumerate(rows):
-            if r.params.has_penalties:
-                _apply_penalties(logits[i], r)
-            if len(r.output_ids) < r.params.min_tokens:
-                for t in r.stop_ids_blocked:  # cannot stop before min_tokens
-                    logits[i, t] = float("-inf")
+            try:
+                if r.params.has_penalties:
+                    _apply_penalties(logits[i], r)
+                if len(r.output_ids) < r.params.min_tokens:
+                    blocked = list(r.stop_ids_blocked)  # cannot stop before min_tokens
+                    if blocked:
+                        logits[i, blocked] = float("-inf")
+            except Exception as e:
+                errors[i] = e
+                logits[i] = 0.0  # keep the batch's other rows valid
+        return errors
 
+    def _choose_alone(self, logits, rows, raw_logprobs, i: int) -> SampleResult:
+        try:
+            row_logprobs = None
+            if rows[i].params.logprobs is not None:
+                j = sum(r.params.logprobs is not None for r in rows[:i])
+                row_logprobs = raw_logprobs[j : j + 1]
+            return self._choose(logits[i : i + 1], rows[i : i + 1], row_logprobs)[0]
+        except Exception as e:
+            return failed(e)
+
+    def _choose(self, logits, rows, raw_logprobs) -> list[SampleResult]:
+        """The token of every row (argmax or a draw), with its logprobs where asked."""
+        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
@@ -100,17 +142,15 @@ class Sampler:
 
         token_list = tokens.tolist()
         results = [SampleResult(t) for t in token_list]
-        if want_logprobs:
-            for j, i in enumerate(want_logprobs):
-                lp = raw_logprobs[j]
-                results[i].logprob = float(lp[token_list[i]])
-                k = rows[i].params.logprobs
-                if k:
-                    vals, ids = lp.topk(k)
-                    results[i].top_logprobs = list(zip(ids.tolist(), vals.tolist()))
-                else:
-                    results[i].top_logprobs = []
-        assert len(results) == b
+        for j, i in enumerate(want_logprobs):
+            lp = raw_logprobs[j]
+            results[i].logprob = float(lp[token_list[i]])
+            k = rows[i].params.logprobs
+            if k:
+                vals, ids = lp.topk(k)
+                results[i].top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+            else:
+                results[i].top_logprobs = []
         return results
 
     def _sample(self, logits, rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -15,6 +16,8 @@ from microserve.engine.scheduler import Scheduler
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel, load_model
 from microserve.sampling import SampleResult, SamplingParams
+
+log = logging.getLogger("microserve.engine")
 
 
 class LLMEngine:
@@ -41,6 +44,7 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self.microserving = Microserving(self)
         self.held: dict[str, tuple[Request, object]] = {}  # prefill-only requests: id -> (request, on_done)
+        self.failed: dict[str, str] = {}  # request id -> why it failed, until its final output is out
 
     def _eos_ids(self) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -64,6 +68,9 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise UserError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise UserError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         limit = self.max_model_len
         if len(prompt_ids) >= limit:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens; this model's context window is {limit}")
@@ -195,7 +202,12 @@ class LLMEngine:
     # ------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that advanced (and finished ones)."""
+        """Run one batch; return an output for every request that advanced (and finished ones).
+
+        An exception from the forward pass leaves the KV cache in an unknown state and goes
+        up to the caller. One request's own failure (sampling, detokenizing, stop strings)
+        ends that request alone, with `error` set on its output and its blocks freed.
+        """
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
@@ -209,12 +221,26 @@ class LLMEngine:
                 self.scheduler.hold(req)
                 self._prefilled(req, self.held[req.request_id][1])
                 continue
-            if result is not None:
+            if result is not None and not req.finished:  # (a sibling's failure may have ended it)
                 if req.first_token_time is None:
                     req.first_token_time = now
-                self._append_token(req, result)
+                try:
+                    if result.error is not None:
+                        raise result.error
+                    self._append_token(req, result)
+                except Exception as e:
+                    self._fail_group(req.group_id, e)
                 touched[req.group_id] = None
-        return [self._output(gid) for gid in touched if gid in self.groups]
+        return [out for out in map(self._output_or_failure, touched) if out is not None]
+
+    def _fail_group(self, group_id: str, error: Exception) -> None:
+        """End every sequence of a request whose own processing failed; the engine goes on."""
+        log.error("request %s failed (%s: %s); the engine goes on", group_id, type(error).__name__, error,
+                  exc_info=error)
+        for s in self.groups.get(group_id, []):
+            if not s.finished:
+                self.scheduler.finish(s, "error")
+        self.failed[group_id] = f"{type(error).__name__}: {error}"
 
     def _cache_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size
@@ -282,6 +308,19 @@ class LLMEngine:
             return len(req.text)
         hold = max(len(s) for s in req.params.stop) - 1
         return max(req.emitted_text_len, len(req.text) - hold)
+
+    def _output_or_failure(self, group_id: str) -> RequestOutput | None:
+        """The group's output; for a failed group, a final output carrying the error."""
+        if group_id not in self.groups:
+            return None
+        if group_id not in self.failed:
+            try:
+                return self._output(group_id)
+            except Exception as e:
+                self._fail_group(group_id, e)
+        seqs = self.groups.pop(group_id)
+        return RequestOutput(request_id=group_id, prompt_token_ids=seqs[0].prompt_ids, outputs=[], finished=True,
+                             error=self.failed.pop(group_id))
 
     def _output(self, group_id: str) -> RequestOutput:
         seqs = self.groups[group_id]

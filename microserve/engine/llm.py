@@ -10,6 +10,7 @@ from tqdm import tqdm
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
+from microserve.errors import RequestFailed
 from microserve.sampling import SamplingParams
 
 
@@ -27,7 +28,8 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched together; outputs come back in prompt order."""
+        """Run every prompt to completion, batched together; outputs come back in prompt order.
+        A request that failed inside the engine comes back with `error` set and no outputs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -56,6 +58,8 @@ class LLM:
             while True:
                 for out in self.engine.step():
                     if out.request_id == rid:
+                        if out.error is not None:
+                            raise RequestFailed(rid)
                         yield out
                         if out.finished:
                             return

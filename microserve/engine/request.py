@@ -30,7 +30,7 @@ class Request:
     seed: int | None = None  # seeded sampling: token k's noise comes from (seed, k)
 
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     block_ids: list[int] = field(default_factory=list)  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of its full, computed blocks
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
@@ -101,3 +101,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt: str | None = None
+    error: str | None = None  # the request failed inside the engine (for the log, never for clients)

@@ -28,8 +28,9 @@ class EngineDown(Exception):
     """An engine could not be reached, or its stream broke off: it is taken out of rotation
     until a status refresh succeeds again."""
 
-    def __init__(self, engine: "Engine", reason: str):
+    def __init__(self, engine: "Engine", reason: str, reached: bool = True):
         self.engine = engine
+        self.reached = reached  # False: the request never got to the engine (the connection was refused)
         super().__init__(f"engine {engine.url} is unreachable: {reason}")
 
 
@@ -83,7 +84,7 @@ class Engine:
 
     def _down(self, e: Exception) -> EngineDown:
         self.healthy = False
-        return EngineDown(self, f"{type(e).__name__}: {e}")
+        return EngineDown(self, f"{type(e).__name__}: {e}", reached=not isinstance(e, httpx.ConnectError))
 
     async def _post(self, path: str, body: dict) -> dict:
         self.calls += 1
@@ -119,7 +120,10 @@ class Engine:
                     if line == "data: [DONE]":
                         return
                     if line.startswith("data: "):
-                        yield json.loads(line[6:])
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:  # the engine failed this request after its stream began
+                            raise EngineError(int(chunk["error"].get("code") or 500), chunk)
+                        yield chunk
             raise EngineDown(self, "the stream ended before [DONE]")
         except httpx.TransportError as e:
             raise self._down(e) from None

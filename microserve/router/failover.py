@@ -3,6 +3,10 @@
 If an engine dies while a request is on it (prefill, KV transfer or decode), the request
 goes on elsewhere: each unfinished sequence is resumed on a live engine with its prompt
 plus the tokens already streamed (`generated`), so the client sees every token once.
+
+A request may itself be what kills or fails an engine (a poison request): it is replayed
+after such a failure only `max_replays` times (once), then its client gets an error, so it
+cannot take the engines down one after another.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ log = logging.getLogger("microserve.router")
 
 class Busy(Exception):
     """The router's queue is full: answer 429 with Retry-After."""
+
+
+class Poisoned(Exception):
+    """Engines died or failed under this request more than the replay limit allows: answer 502."""
+
+    def __init__(self, request_id: str, failures: int):
+        super().__init__(f"this request failed on {failures} engines (each died or failed while serving it); "
+                         "it is not tried again")
+        self.request_id = request_id
 
 
 class Admission:
@@ -61,13 +74,18 @@ def _retryable(e: Exception) -> bool:
     return isinstance(e, EngineDown) or (isinstance(e, EngineError) and (e.status >= 500 or e.status == 429))
 
 
+def _failed_under_request(e: Exception) -> bool:
+    """The engine had the request and died or failed with it (not: unreachable from the start, or busy)."""
+    return (isinstance(e, EngineDown) and e.reached) or (isinstance(e, EngineError) and e.status >= 500)
+
+
 async def with_failover(chunks: AsyncIterator[dict], req, cluster: Cluster, max_attempts: int = 3,
-                        wait_s: float = 30.0, on_failover=None) -> AsyncIterator[dict]:
+                        wait_s: float = 30.0, on_failover=None, max_replays: int = 1) -> AsyncIterator[dict]:
     """Yield `chunks`; when they fail, go on with resumed requests on healthy engines."""
     n = int(req.sampling.get("n", 1))
     seqs = [_Sequence() for _ in range(n)]
     avoid: set[Engine] = set()
-    attempt = 0
+    attempt = failures = 0
     source = chunks
     while True:
         try:
@@ -83,6 +101,11 @@ async def with_failover(chunks: AsyncIterator[dict], req, cluster: Cluster, max_
             if not _retryable(e) or attempt >= max_attempts:
                 raise
             await source.aclose()
+            failures += _failed_under_request(e)
+            if failures > max_replays:
+                log.error("request %s: %s; %d engines failed under it, not replayed again",
+                          req.request_id, e, failures)
+                raise Poisoned(req.request_id, failures) from e
             attempt += 1
             if isinstance(e, EngineDown):
                 avoid.add(e.engine)

@@ -19,7 +19,7 @@ from microserve.engine.microserving import Conflict, NotFound
 from microserve.errors import UserError
 from microserve.router import strategies
 from microserve.router.cluster import Cluster, EngineDown, EngineError
-from microserve.router.failover import Admission, Busy, with_failover
+from microserve.router.failover import Admission, Busy, Poisoned, with_failover
 from microserve.server.metrics import LATENCY_BUCKETS
 from microserve.server.openai_api import (
     ModelNotFound,
@@ -31,7 +31,7 @@ from microserve.server.openai_api import (
     completion_logprobs,
     install_error_handlers,
 )
-from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, sse_errors
 from microserve.server.security import DEFAULT_MAX_BODY_BYTES, install_security
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -95,6 +95,10 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
     async def _engine_down(request, exc: EngineDown):
         return JSONResponse(error_body("no engine is available to serve this request", "engine_error"),
                             status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Poisoned)
+    async def _poisoned(request, exc: Poisoned):
+        return JSONResponse(error_body(str(exc), "engine_error", code=502), status_code=502)
 
     @app.exception_handler(Busy)
     async def _busy(request, exc: Busy):
@@ -219,7 +223,7 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
@@ -267,7 +271,7 @@ def build_router_app(cluster: Cluster, tokenizer, model_name: str, strategy: str
                 yield _sse({**base, "choices": [], "usage": _usage(len(ids), completion)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
 
     # ------------------------------------------------------------ small routes
 

@@ -8,6 +8,7 @@ inside its kernels, so the event loop keeps serving while a step runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from microserve.engine.engine import LLMEngine
 from microserve.engine.microserving import Conflict
 from microserve.engine.request import RequestOutput
-from microserve.errors import UserError
+from microserve.errors import RequestFailed, UserError
 from microserve.sampling import SamplingParams
+
+
+log = logging.getLogger("microserve.engine")
 
 
 class QueueFull(Exception):
@@ -32,10 +36,13 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256, observer=None):
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, observer=None, on_fatal=None):
         self.engine = engine
         self.max_waiting = max_waiting
         self.observer = observer  # gets on_output(request_id, output, arrival) in the loop thread
+        # Called (in the loop thread) once the loop has died and every stream has heard of it;
+        # a server exits there, so that its supervisor starts a fresh engine.
+        self.on_fatal = on_fatal
         self._lock = threading.Lock()
         self._wake = threading.Event()
         # Adds and aborts, applied in the order they came: an abort followed by a new
@@ -79,10 +86,6 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self._thread.is_alive() and self.error is None
-
-    def num_waiting(self) -> int:
-        with self._lock:
-            return len(self.engine.scheduler.waiting) + self._num_adds
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  resume: tuple[list[int], int] | None = None) -> AsyncIterator[RequestOutput]:
@@ -156,7 +159,10 @@ class AsyncEngine:
                 streams, self._streams = self._streams, {}
             for s in streams.values():
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, RuntimeError(f"engine loop failed: {e}"))
-            raise
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            else:
+                log.critical("the engine loop failed", exc_info=e)
 
     def _apply_pending(self) -> bool:
         """Apply queued calls, adds and aborts; True if there were any."""
@@ -193,11 +199,13 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                by_loop.setdefault(stream.loop, []).append((stream, out))
+                item = out if out.error is None else RequestFailed(out.request_id)
+                by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             if self.observer is not None:
                 for stream, out in items:
-                    self.observer.on_output(out, stream.arrival)
+                    if not isinstance(out, RequestFailed):
+                        self.observer.on_output(out, stream.arrival)
             loop.call_soon_threadsafe(_put_all, items)
 
     def _fail(self, request_id: str, error: BaseException, only: _Stream | None = None) -> None:

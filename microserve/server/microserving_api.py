@@ -23,7 +23,7 @@ from microserve.kv_transfer.receiver import KVReceiver
 from microserve.kv_transfer.sender import send_kv
 from microserve.kv_transfer.wire import TransferError
 from microserve.server.async_engine import AsyncEngine
-from microserve.server.protocol import _SamplingFields
+from microserve.server.protocol import _SamplingFields, sse_errors
 
 
 WATCH_INTERVAL_S = 0.1  # a watch stream sends at most this often
@@ -163,7 +163,7 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
                         yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
 
     @app.post("/microserving/abort")
     async def abort(req: Abort):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,13 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
-from microserve.errors import UserError
+from microserve.errors import RequestFailed, UserError
 from microserve.sampling import SamplingParams
 from microserve.server.async_engine import AsyncEngine, QueueFull
 from microserve.engine.microserving import Conflict, NotFound
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import TransferFailed, add_microserving_routes
-from microserve.server.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, error_body
+from microserve.server.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, error_body, sse_errors
 from microserve.server.security import DEFAULT_MAX_BODY_BYTES, install_security
 
 log = logging.getLogger("microserve.server")
@@ -33,11 +34,34 @@ class ModelNotFound(Exception):
     pass
 
 
+# When the engine loop dies (the forward pass failed), the KV cache and the scheduler are in an
+# unknown state: the process exits, and its supervisor (`serve`, Ray) starts a fresh engine.
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE
+FATAL_GRACE_S = 0.5  # for the failed requests' error answers to go out first
+
+
+def exit_on_fatal(*cleanups):
+    """An `on_fatal` for AsyncEngine: log, run `cleanups` (shared-memory files), exit the process."""
+    def on_fatal(error: BaseException) -> None:
+        log.critical("the engine loop failed (%s: %s); exiting so that a fresh engine takes over",
+                     type(error).__name__, error, exc_info=error)
+        time.sleep(FATAL_GRACE_S)
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception:
+                log.exception("cleanup after the engine loop failed")
+        os._exit(FATAL_EXIT_CODE)
+
+    return on_fatal
+
+
 def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: str = "127.0.0.1",
               kv_transport: str = "shm", api_keys: list[str] | None = None, cluster_token: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     metrics = EngineMetrics(engine)
-    aengine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics)
+    aengine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics,
+                          on_fatal=exit_on_fatal(lambda: receiver.close(), engine.runner.kv.close))
     tokenizer = engine.tokenizer
 
     @asynccontextmanager
@@ -146,7 +170,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
                 yield _sse({**head, "choices": [], "usage": _usage(sum(map(len, prompt_ids)), completion_tokens)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
 
     # ------------------------------------------------------------ chat
 
@@ -203,7 +227,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
                 yield _sse({**head_chunk, "choices": [], "usage": _usage(len(prompt_ids), completion_tokens)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
 
     return app
 
@@ -254,10 +278,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request, exc: StarletteHTTPException):
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
+    @app.exception_handler(RequestFailed)
+    async def _failed(request, exc: RequestFailed):
+        return JSONResponse(error_body(str(exc), "internal_error", code=500), status_code=500)
+
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         log.exception("internal error")  # the details stay in the server's log
-        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+        return JSONResponse(error_body("internal server error", "internal_error", code=500), status_code=500)
 
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microserve.engine.microserving import Conflict
+from microserve.errors import RequestFailed, UserError
 from microserve.sampling import SamplingParams
 
 MAX_N = 16
@@ -102,3 +107,23 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | int | None = None) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def sse_event(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream that fails after its first event ends with an OpenAI-shaped error event and
+    [DONE] (its status line is long gone), so a client sees why it stopped, not a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except (RequestFailed, UserError, Conflict) as e:
+        status = 500 if isinstance(e, RequestFailed) else 409 if isinstance(e, Conflict) else 400
+        yield sse_event(error_body(str(e), "internal_error" if status == 500 else "invalid_request_error", code=status))
+        yield "data: [DONE]\n\n"
+    except Exception:
+        logging.getLogger("microserve.server").exception("internal error in a stream")
+        yield sse_event(error_body("internal server error", "internal_error", code=500))
+        yield "data: [DONE]\n\n"
