@@ -17,10 +17,11 @@ log = logging.getLogger("microserve.router")
 class EngineError(Exception):
     """An engine answered with an error (status and OpenAI-style body kept)."""
 
-    def __init__(self, status: int, body: dict, retry_after: str | None = None):
+    def __init__(self, status: int, body: dict, retry_after: str | None = None, engine: "Engine | None" = None):
         self.status = status
         self.body = body
         self.retry_after = retry_after
+        self.engine = engine
         super().__init__(body.get("error", {}).get("message", str(body)))
 
 
@@ -95,7 +96,7 @@ class Engine:
         finally:
             self.calls -= 1
         if r.status_code != 200:
-            raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"))
+            raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
         return r.json()
 
     async def prep_recv(self, request_id: str, prompt: list[int], end: int, lease_s: float = 60) -> dict:
@@ -115,14 +116,14 @@ class Engine:
             async with self._client.stream("POST", "/microserving/start_generate", json=body) as r:
                 if r.status_code != 200:
                     await r.aread()
-                    raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"))
+                    raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
                 async for line in r.aiter_lines():
                     if line == "data: [DONE]":
                         return
                     if line.startswith("data: "):
                         chunk = json.loads(line[6:])
                         if "error" in chunk:  # the engine failed this request after its stream began
-                            raise EngineError(int(chunk["error"].get("code") or 500), chunk)
+                            raise EngineError(int(chunk["error"].get("code") or 500), chunk, engine=self)
                         yield chunk
             raise EngineDown(self, "the stream ended before [DONE]")
         except httpx.TransportError as e:

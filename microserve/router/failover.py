@@ -107,7 +107,7 @@ async def with_failover(chunks: AsyncIterator[dict], req, cluster: Cluster, max_
                           req.request_id, e, failures)
                 raise Poisoned(req.request_id, failures) from e
             attempt += 1
-            if isinstance(e, EngineDown):
+            if e.engine is not None:  # (down, failing or busy: another engine first)
                 avoid.add(e.engine)
             target = await _pick(cluster, avoid, wait_s)
             if target is None:
