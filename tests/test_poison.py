@@ -52,6 +52,13 @@ def statuses(url: str) -> dict[str, dict]:
                                 timeout=5).json() for e in engines(url)}
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
 def complete(url: str, prompt, **kw) -> httpx.Response:
     return httpx.post(url + "/v1/completions", timeout=120,
                       json={"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, **kw})
@@ -81,6 +88,8 @@ def test_a_request_failing_its_own_sampling_gets_an_error_and_kills_nothing(clus
     events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert '"internal_error"' in events[-2] and events[-1] == "data: [DONE]"
     assert complete(url, [5, 6, 7]).status_code == 200
+    failures = sum(metric(u, "microserve:request_failures_total") for u in before)
+    assert failures == 4  # two engines under the router's one replay, two asked directly
     after = statuses(url)
     assert {u: s["pid"] for u, s in after.items()} == before  # no engine died
     assert all(s["running"] == 0 and s["free_blocks"] == s["num_blocks"] for s in after.values())

@@ -199,13 +199,11 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                item = out if out.error is None else RequestFailed(out.request_id)
-                by_loop.setdefault(stream.loop, []).append((stream, item))
+                by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             if self.observer is not None:
                 for stream, out in items:
-                    if not isinstance(out, RequestFailed):
-                        self.observer.on_output(out, stream.arrival)
+                    self.observer.on_output(out, stream.arrival)
             loop.call_soon_threadsafe(_put_all, items)
 
     def _fail(self, request_id: str, error: BaseException, only: _Stream | None = None) -> None:
@@ -220,7 +218,7 @@ class AsyncEngine:
 
 def _put_all(items) -> None:
     for stream, out in items:
-        stream.queue.put_nowait(out)
+        stream.queue.put_nowait(out if out.error is None else RequestFailed(out.request_id))
 
 
 def _settle(future: asyncio.Future, result, error) -> None:

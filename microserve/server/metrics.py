@@ -39,6 +39,8 @@ class EngineMetrics:
         self.prompt_tokens = Counter("microserve:prompt_tokens", "Prompt tokens received", registry=r)
         self.generation_tokens = Counter("microserve:generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("microserve:request_success", "Requests finished", ["finished_reason"], registry=r)
+        self.failed = Counter("microserve:request_failures", "Requests the engine failed alone (it went on)",
+                              registry=r)
         self._last_token_time: dict[str, float] = {}
 
     def on_output(self, out: RequestOutput, arrival: float) -> None:
@@ -54,6 +56,10 @@ class EngineMetrics:
             else:
                 self.itl.observe(now - last)
             self._last_token_time[out.request_id] = now
+        if out.error is not None:
+            self._last_token_time.pop(out.request_id, None)
+            self.failed.inc()
+            return
         if out.finished:
             self._last_token_time.pop(out.request_id, None)
             self.e2e.observe(now - arrival)
