@@ -7,6 +7,35 @@ from dataclasses import dataclass, field
 from microserve.errors import UserError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_SPEC_CHARS = 256 * 1024  # a schema, regex, grammar or choice list, as text
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match, enforced by masking the logits (engine/structured.py).
+    Exactly one field is set; `json_object` means any JSON object."""
+
+    json_schema: str | None = None  # the schema as JSON text
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+    def __post_init__(self):
+        given = [f for f in ("json_schema", "regex", "choice", "grammar") if getattr(self, f) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise UserError(f"give exactly one kind of structured output, got {given or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise UserError("a choice list needs at least one non-empty string")
+        if len(repr(self)) > MAX_SPEC_CHARS:
+            raise UserError(f"the structured output spec is over {MAX_SPEC_CHARS} characters")
+
+    @property
+    def key(self) -> tuple:
+        """What compiled grammars are cached by."""
+        return (self.json_schema, self.json_object, self.regex, self.choice, self.grammar)
 
 
 @dataclass
@@ -28,6 +57,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return beside the chosen token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +67,18 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k in (None, 0):
             self.top_k = -1
+        if self.logit_bias:  # clamped to [-100, 100] as OpenAI does
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise UserError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
+            try:
+                bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise UserError("logit_bias maps token ids to numbers") from None
+            if any(b != b for b in bias.values()):
+                raise UserError("a logit_bias value is not a number")
+            self.logit_bias = {t: max(-100.0, min(100.0, b)) for t, b in bias.items()}
+        else:
+            self.logit_bias = None
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -83,8 +126,10 @@ class Sampler:
 
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits, rows) -> list[SampleResult]:
+    def __call__(self, logits, rows, masks: dict | None = None) -> list[SampleResult]:
         """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`.
+        `masks[i]`, where given, is row i's structured-output mask: a bool [V] tensor of the
+        tokens its grammar allows next, or the exception that computing it raised.
 
         A row whose parameters make sampling fail gets a result with `error` set; the other
         rows of the batch are sampled as if it were not there.
@@ -97,7 +142,7 @@ class Sampler:
             # Logprobs are the model's own (before penalties and masks), as OpenAI's are.
             want = [r.params.logprobs is not None for r in rows]
             raw_logprobs = torch.log_softmax(logits[want], dim=-1) if any(want) else None
-            errors = self._constrain(logits, rows)
+            errors = self._constrain(logits, rows, masks or {})
             try:
                 results = self._choose(logits, rows, raw_logprobs)
             except Exception:  # find the row at fault: each alone, so the rest still get tokens
@@ -106,17 +151,25 @@ class Sampler:
             results[i] = failed(error)
         return results
 
-    def _constrain(self, logits, rows) -> dict[int, Exception]:
-        """Penalties and min_tokens, row by row, in place; the errors by row."""
+    def _constrain(self, logits, rows, masks: dict) -> dict[int, Exception]:
+        """Logit bias, penalties, the grammar's mask and min_tokens, row by row, in place;
+        the errors by row."""
         errors = {}
         for i, r in enumerate(rows):
             try:
+                row = logits[i]
+                if r.params.logit_bias:
+                    ids = list(r.params.logit_bias)
+                    row[ids] += row.new_tensor([r.params.logit_bias[t] for t in ids])
                 if r.params.has_penalties:
-                    _apply_penalties(logits[i], r)
+                    _apply_penalties(row, r)
+                mask = masks.get(i)
+                if isinstance(mask, Exception):
+                    raise mask
+                if mask is not None:
+                    row.masked_fill_(~mask, float("-inf"))
                 if len(r.output_ids) < r.params.min_tokens:
-                    blocked = list(r.stop_ids_blocked)  # cannot stop before min_tokens
-                    if blocked:
-                        logits[i, blocked] = float("-inf")
+                    _block_stops(row, list(r.stop_ids_blocked))
             except Exception as e:
                 errors[i] = e
                 logits[i] = 0.0  # keep the batch's other rows valid
@@ -179,6 +232,17 @@ def token_seed(seed: int, index: int) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+def _block_stops(row_logits, stop_ids: list[int]) -> None:
+    """Keep the sequence from ending (min_tokens), unless ending is all it may do: a grammar
+    that is complete allows only the end, and then the grammar wins."""
+    if not stop_ids:
+        return
+    kept = row_logits[stop_ids].clone()
+    row_logits[stop_ids] = float("-inf")
+    if bool(row_logits.isneginf().all()):
+        row_logits[stop_ids] = kept
 
 
 def _apply_penalties(row_logits, r):

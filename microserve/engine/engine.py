@@ -13,6 +13,7 @@ from microserve.engine.microserving import Conflict, Microserving
 from microserve.engine.model_runner import ModelRunner
 from microserve.engine.request import CompletionOutput, Request, RequestOutput
 from microserve.engine.scheduler import Scheduler
+from microserve.engine.structured import GrammarCompiler
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel, load_model
 from microserve.sampling import SampleResult, SamplingParams
@@ -41,6 +42,8 @@ class LLMEngine:
         capacity = self.runner.num_blocks * cfg.block_size
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.eos_token_ids = frozenset(self._eos_ids())
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, eos)
         self.groups: dict[str, list[Request]] = {}  # request id -> its n sequences
         self.microserving = Microserving(self)
         self.held: dict[str, tuple[Request, object]] = {}  # prefill-only requests: id -> (request, on_done)
@@ -95,6 +98,8 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         if resume is not None:
             self.validate_resume(prompt_ids, params, resume[0])
+        # Compiled before anything is reserved (servers compile off this thread first: a cache hit here).
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         reserved = self.microserving.take(request_id, prompt_ids)
         seqs = []
         for i in range(params.n):
@@ -108,6 +113,7 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 seed=None if params.seed is None else params.seed + i,
                 wait_for=seqs[0] if i else None,
+                matcher=grammar.matcher(resume[0] if resume else []) if grammar is not None else None,
             ))
         if resume is not None and resume[0]:
             self._resume(seqs[0], *resume)
@@ -253,6 +259,8 @@ class LLMEngine:
 
     def _append_token(self, req: Request, result: SampleResult) -> None:
         token = result.token_id
+        if req.matcher is not None:
+            req.matcher.accept(token)
         req.token_ids.append(token)
         if req.params.logprobs is not None:
             req.logprobs.append((result.logprob, result.top_logprobs))
@@ -261,6 +269,8 @@ class LLMEngine:
         self._detokenize(req, skip_last=stop_token)
         reason = None
         if stop_token and req.num_output_tokens > params.min_tokens - 1:
+            reason = "stop"
+        elif req.matcher is not None and req.matcher.done:  # the document is complete
             reason = "stop"
         elif params.stop and self._find_stop_string(req):
             reason = "stop"

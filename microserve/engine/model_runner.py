@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from microserve.config import EngineConfig
 from microserve.engine.request import Request
+from microserve.engine.structured import allowed_tokens
 from microserve.errors import UserError
 from microserve.models.deterministic import make_batch_invariant
 from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
@@ -44,6 +47,7 @@ class ModelRunner:
         self.fuse_decode = self.model.can_fuse_decode() and not cfg.deterministic
         self.fuse_max_batch = self.model.fused_decode_max_batch()
         self.model.warm_up_packed_linears(max(cfg.max_num_batched_tokens, cfg.max_num_seqs), cfg.max_num_seqs)
+        self._mask_pool: ThreadPoolExecutor | None = None  # structured-output masks, beside the forward pass
 
     @property
     def num_blocks(self) -> int:
@@ -74,6 +78,7 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sample_reqs.append(req)
 
+        masks = self._start_masks(sample_reqs)
         dev = self.device
         if not prefills and self.fuse_decode and all(req.kv_progress is None for req, _ in items) \
                 and (self.fuse_max_batch is None or len(items) <= self.fuse_max_batch):
@@ -81,7 +86,7 @@ class ModelRunner:
                 torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
                 self._block_tables([req for req, _ in decode_reqs]), torch.tensor([end for _, end in decode_reqs]),
                 self.kv)
-            return self._sample(items, hidden, sample_rows, sample_reqs)
+            return self._sample(items, hidden, sample_rows, sample_reqs, masks)
         attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs,
                                  deterministic=self.deterministic)
         if decode_rows:
@@ -96,16 +101,28 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), attn, self.kv, layer_hook=hook
         )
-        return self._sample(items, hidden, sample_rows, sample_reqs)
+        return self._sample(items, hidden, sample_rows, sample_reqs, masks)
 
-    def _sample(self, items, hidden, sample_rows, sample_reqs) -> list[SampleResult | None]:
+    def _start_masks(self, reqs: list[Request]) -> Future | None:
+        """Compute the grammar masks of the rows due to sample in a thread while the forward
+        pass runs (llguidance releases the GIL); None when no row has a grammar."""
+        constrained = [i for i, req in enumerate(reqs) if req.matcher is not None]
+        if not constrained:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        vocab = self.model_config.vocab_size
+        return self._mask_pool.submit(
+            lambda: dict(zip(constrained, allowed_tokens([reqs[i].matcher for i in constrained], vocab))))
+
+    def _sample(self, items, hidden, sample_rows, sample_reqs, masks: Future | None) -> list[SampleResult | None]:
         dev = self.device
         results: list[SampleResult | None] = [None] * len(items)
         if sample_reqs:
             if len(sample_rows) != hidden.shape[0]:
                 hidden = hidden[torch.tensor(sample_rows, device=dev)]
             logits = self.model.compute_logits(hidden).cpu()
-            sampled = iter(self.sampler(logits, sample_reqs))
+            sampled = iter(self.sampler(logits, sample_reqs, masks.result() if masks is not None else None))
             for i, (req, n) in enumerate(items):
                 if req.num_computed_tokens + n == req.num_tokens and not req.prefill_only:
                     results[i] = next(sampled)

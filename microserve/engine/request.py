@@ -39,6 +39,7 @@ class Request:
     first_token_time: float | None = None
     prefill_only: bool = False  # compute the prompt's KV and hold it (for remote_send); never sample
     kv_progress: object | None = None  # a LayerProgress told about each layer of the last chunk
+    matcher: object | None = None  # structured output: its place in the grammar (engine/structured.py)
 
     # detokenizer state
     text: str = ""

@@ -16,9 +16,10 @@ import torch
 
 from microserve.config import EngineConfig, ModelConfig
 from microserve.engine.request import Request
+from microserve.engine.structured import allowed_tokens
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel, load_tokenizer
-from microserve.sampling import SampleResult
+from microserve.sampling import SampleResult, failed
 from microserve.sim.cost_model import CostModel
 from microserve.sim.profiles import SimSpec, get_profile
 
@@ -150,8 +151,14 @@ class SimRunner:
         results: list[SampleResult | None] = []
         for req, n in items:
             due = req.num_computed_tokens + n == req.num_tokens and not req.prefill_only
-            results.append(self._sample(req) if due else None)
+            results.append(self._sample_or_fail(req) if due else None)
         return results
+
+    def _sample_or_fail(self, req: Request) -> SampleResult:
+        try:
+            return self._sample(req)
+        except Exception as e:  # this request's own failure (its grammar): it alone ends
+            return failed(e)
 
     def _sample(self, req: Request) -> SampleResult:
         """The next token as a hash of (seed, previous token, position): the same on every engine,
@@ -161,6 +168,12 @@ class SimRunner:
         pos = req.num_tokens
         h = _mix((salt & _MASK64) ^ _mix(req.token_ids[-1] * 1_000_003 + pos))
         token = self.words[h % len(self.words)]
+        if req.matcher is not None:  # structured output: a token its grammar allows, chosen the same way
+            (allowed,) = allowed_tokens([req.matcher], self.model_config.vocab_size)
+            if isinstance(allowed, Exception):
+                raise allowed
+            ids = allowed.nonzero().flatten().tolist()
+            token = token if allowed[token] else ids[h % len(ids)]
         if params.logprobs is None:
             return SampleResult(token)
         logprob = -math.log(len(self.words))  # every word equally likely: an honest "no model" value
