@@ -24,7 +24,7 @@ import torch
 from microserve.errors import UserError
 from microserve.sampling import StructuredOutput
 
-COMPILE_TIMEOUT_S = 2.0
+COMPILE_TIMEOUT_S = 0.5
 CACHE_SIZE = 256
 # JSON whitespace between tokens, bounded: unbounded whitespace lets a model fill max_tokens
 # with blanks instead of ending the document.
@@ -141,7 +141,9 @@ class GrammarCompiler:
         grammar = self.cached(spec)
         if grammar is not None:
             return grammar
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self.compile, spec)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._tokenizer)  # once per engine; not the spec's time
+        future = loop.run_in_executor(self._pool, self.compile, spec)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except asyncio.TimeoutError:
@@ -155,8 +157,6 @@ class GrammarCompiler:
         grammar = self.cached(spec)
         if grammar is not None:
             return grammar
-        if self._hf_tokenizer is None:
-            raise UserError("this model has no tokenizer: structured outputs need one")
         text = grammar_of(spec)
         matcher = LLMatcher(self._tokenizer(), text, log_level=0, limits=_limits())
         if matcher.is_error():
@@ -169,6 +169,8 @@ class GrammarCompiler:
         return grammar
 
     def _tokenizer(self):
+        if self._hf_tokenizer is None:
+            raise UserError("this model has no tokenizer: structured outputs need one")
         if self._lltokenizer is None:  # about 0.3 s for a 49k vocabulary, once
             import llguidance
 

@@ -87,6 +87,12 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """What a request needs before it is admitted, done off the engine loop: its structured
+        output's grammar compiled (cached; UserError if bad or too slow to compile)."""
+        if params.structured is not None:
+            await self.engine.grammars.compile_async(params.structured)
+
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  resume: tuple[list[int], int] | None = None) -> AsyncIterator[RequestOutput]:
         """Admit the request now (raising UserError or QueueFull), then iterate its outputs.
