@@ -128,8 +128,9 @@ class Sampler:
 
     def __call__(self, logits, rows, masks: dict | None = None) -> list[SampleResult]:
         """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`.
-        `masks[i]`, where given, is row i's structured-output mask: a bool [V] tensor of the
-        tokens its grammar allows next, or the exception that computing it raised.
+        `masks[i]`, where given, is row i's structured-output mask: a float [V] tensor, 0 for
+        the tokens its grammar allows next and -inf for the rest, or the exception that
+        computing it raised.
 
         A row whose parameters make sampling fail gets a result with `error` set; the other
         rows of the batch are sampled as if it were not there.
@@ -167,7 +168,7 @@ class Sampler:
                 if isinstance(mask, Exception):
                     raise mask
                 if mask is not None:
-                    row.masked_fill_(~mask, float("-inf"))
+                    row += mask
                 if len(r.output_ids) < r.params.min_tokens:
                     _block_stops(row, list(r.stop_ids_blocked))
             except Exception as e:

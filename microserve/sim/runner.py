@@ -172,8 +172,8 @@ class SimRunner:
             (allowed,) = allowed_tokens([req.matcher], self.model_config.vocab_size)
             if isinstance(allowed, Exception):
                 raise allowed
-            ids = allowed.nonzero().flatten().tolist()
-            token = token if allowed[token] else ids[h % len(ids)]
+            ids = (allowed == 0).nonzero().flatten().tolist()
+            token = token if allowed[token] == 0 else ids[h % len(ids)]
         if params.logprobs is None:
             return SampleResult(token)
         logprob = -math.log(len(self.words))  # every word equally likely: an honest "no model" value
