@@ -56,7 +56,7 @@ def cmd_engine(args) -> None:
 
 
 def _api_keys(args) -> list[str]:
-    from microserve.server.security import env_list
+    from microserve.api.security import env_list
 
     return list(args.api_key or []) + env_list("MICROSERVE_API_KEYS")
 
@@ -82,11 +82,12 @@ def cmd_router(args) -> None:
 
     import uvicorn
 
-    from microserve.models.loader import load_tokenizer
+    from microserve.api.security import is_loopback
+    from microserve.router.app import build_router_app
     from microserve.router.cluster import Cluster
-    from microserve.router.router import build_router_app
-    from microserve.server.app import raise_open_file_limit, served_model_name
-    from microserve.server.security import is_loopback
+    from microserve.router.router import Router
+    from microserve.server.app import raise_open_file_limit
+    from microserve.tokenizer import load_tokenizer, served_model_name
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     roles = args.roles.split(",") if args.roles else None
@@ -100,11 +101,11 @@ def cmd_router(args) -> None:
         raise UserError("give the engines (--engine URL, repeated) or a router to follow (--follow URL)")
     cluster = Cluster(args.engine, roles, token=token)
     try:
-        app = build_router_app(cluster, load_tokenizer(args.model),
+        router = Router(cluster, strategy=args.strategy, max_active=args.max_active, max_queued=args.max_queued,
+                        follow=args.follow)
+        app = build_router_app(router, load_tokenizer(args.model),
                                args.served_model_name or served_model_name(args.model),
-                               strategy=args.strategy, cluster_token=token, api_keys=keys,
-                               max_active=args.max_active, max_queued=args.max_queued,
-                               max_body_bytes=args.max_body_bytes, follow=args.follow)
+                               cluster_token=token, api_keys=keys, max_body_bytes=args.max_body_bytes)
     except (ValueError, OSError, SyntaxError) as e:
         raise UserError(f"cannot load strategy {args.strategy!r}: {e}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

@@ -189,10 +189,10 @@ def test_status_and_prefix_index(cluster):
 def test_builtin_model_1p1d():
     p, d = ServerProcess(["engine", "--served-model-name", "s"]), ServerProcess(["engine", "--served-model-name", "s"])
     try:
-        from microserve.models.loader import _gguf_tokenizer, builtin_model_path
+        from microserve.tokenizer import builtin_model_path, gguf_tokenizer
         from pathlib import Path
 
-        tok = _gguf_tokenizer(Path(builtin_model_path()))
+        tok = gguf_tokenizer(Path(builtin_model_path()))
         text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                        tokenize=False, add_generation_prompt=True)
         prompt = tok(text, add_special_tokens=False).input_ids

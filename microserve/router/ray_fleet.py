@@ -20,16 +20,13 @@ import time
 import httpx
 
 from microserve.router.cluster import Cluster, Engine
+from microserve.router.fleet import FleetError
 
 log = logging.getLogger("microserve.router")
 
 SUPERVISE_S = 1.0  # how often the fleet checks its actors
 ENGINE_START_TIMEOUT_S = 600  # loading a model inside the actor
 PLACEMENT_TIMEOUT_S = 900  # placing the actor and loading its model
-
-
-class FleetError(Exception):
-    """An engine actor could not be started (no node with room for it, or its engine failed)."""
 
 
 class EngineActor:
@@ -75,7 +72,7 @@ class EngineActor:
 
 
 class RayFleet:
-    """Starts, watches and stops engine actors for one router (see build_router_app's `fleet`)."""
+    """Starts, watches and stops engine actors for one router (see Router's `fleet`)."""
 
     def __init__(self, engine_argv: list[str], roles: list[str], host: str | None = None,
                  env: dict[str, str] | None = None, num_cpus: float = 1, num_gpus: float = 0,

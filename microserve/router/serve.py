@@ -224,7 +224,7 @@ def _start_replicas(args, primary: str, env: dict, model: list[str], name: str) 
 
 
 def _default_name(model: str | None) -> str:
-    from microserve.server.app import served_model_name
+    from microserve.tokenizer import served_model_name
 
     return served_model_name(model)
 
@@ -258,10 +258,11 @@ def serve_ray(args) -> int:
     import ray
     import uvicorn
 
-    from microserve.models.loader import load_tokenizer
+    from microserve.router.app import build_router_app
     from microserve.router.cluster import Cluster
     from microserve.router.ray_fleet import RayFleet
-    from microserve.router.router import build_router_app
+    from microserve.router.router import Router
+    from microserve.tokenizer import load_tokenizer
 
     token = (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN") or os.environ.get("MICROSERVE_ADMIN_TOKEN")
              or secrets.token_urlsafe(16))
@@ -291,8 +292,9 @@ def serve_ray(args) -> int:
                          env={"MICROSERVE_CLUSTER_TOKEN": token, "MICROSERVE_API_KEYS": token},
                          num_cpus=cpus, num_gpus=args.engine_gpus, resources=_placement(args.placement))
         cluster = Cluster([], token=token)
-        app = build_router_app(cluster, load_tokenizer(args.model), name, strategy=args.strategy,
-                               cluster_token=token, api_keys=keys.split(",") if keys else None, fleet=fleet)
+        router = Router(cluster, strategy=args.strategy, fleet=fleet)
+        app = build_router_app(router, load_tokenizer(args.model), name, cluster_token=token,
+                               api_keys=keys.split(",") if keys else None)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                access_log=False, timeout_graceful_shutdown=5, backlog=4096))
 

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import uvicorn
 
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
-from microserve.models.loader import BUILTIN_MODEL_NAME
 from microserve.errors import UserError
+from microserve.api.security import DEFAULT_MAX_BODY_BYTES, is_loopback
 from microserve.server.openai_api import build_app
-from microserve.server.security import DEFAULT_MAX_BODY_BYTES, is_loopback
+from microserve.tokenizer import served_model_name
 
 # Idle connections stay open this long: a router in front of hundreds of engines reaches each
 # only every few seconds, and would otherwise reconnect for almost every request.
 KEEP_ALIVE_S = 75
-
-
-def served_model_name(model_path: str | None) -> str:
-    if model_path is None:
-        return BUILTIN_MODEL_NAME
-    p = Path(model_path)
-    return p.stem if p.suffix == ".gguf" else p.name
 
 
 def raise_open_file_limit() -> None:

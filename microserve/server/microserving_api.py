@@ -13,8 +13,10 @@ import uuid
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
+from microserve.api.microserving import Abort, PrepRecv, RemoteSend, StartGenerate
+from microserve.api.render import DONE, Delta, engine_chunk, usage
+from microserve.api.streams import last
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
 from microserve.kv_transfer.address import KVAddress, layout_fingerprint, local_node
@@ -23,45 +25,10 @@ from microserve.kv_transfer.receiver import KVReceiver
 from microserve.kv_transfer.sender import send_kv
 from microserve.kv_transfer.wire import TransferError
 from microserve.server.async_engine import AsyncEngine
-from microserve.server.protocol import _SamplingFields
 
 
 WATCH_INTERVAL_S = 0.1  # a watch stream sends at most this often
 WATCH_HEARTBEAT_S = 5.0  # and at least this often, so a router notices a silent engine
-
-
-class PrepRecv(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    request_id: str = Field(min_length=1)
-    prompt: list[int] = Field(min_length=1)
-    end: int
-    lease_s: float = Field(60.0, gt=0, le=3600)  # bounded: a lost router must not pin KV for long
-
-
-class RemoteSend(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    request_id: str = Field(min_length=1)
-    prompt: list[int] = Field(min_length=1)
-    begin: int = Field(ge=0)
-    end: int
-    kv_addr_info: dict
-
-
-class StartGenerate(_SamplingFields):
-    model: str | None = None
-    request_id: str = Field(min_length=1)
-    prompt: list[int] = Field(min_length=1)
-    begin: int = Field(0, ge=0)
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    # Fail-over: the output tokens another engine already produced, and how many characters of
-    # their text the client has; generation continues after them without repeating any.
-    generated: list[int] = Field(default_factory=list)
-    generated_text_len: int = Field(0, ge=0)
-
-
-class Abort(BaseModel):
-    request_id: str
 
 
 class TransferFailed(Exception):
@@ -138,30 +105,20 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
         head = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or cfg.name}
 
-        def choice(c, text, ids, lps):
-            return {"index": c.index, "text": text, "token_ids": ids, "finish_reason": c.finish_reason,
-                    # per token: [logprob, [[token id, logprob], ...]]; the router renders them
-                    "logprobs": None if lps is None else [[lp, [list(a) for a in top]] for lp, top in lps]}
-
         if not req.stream:
-            out = None
-            async for out in gen:
-                pass
+            out = await last(gen)
             completion = sum(len(c.token_ids) for c in out.outputs)
-            return {**head, "choices": [choice(c, c.text, c.token_ids, c.logprobs) for c in out.outputs],
-                    "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
-                              "total_tokens": len(req.prompt) + completion,
-                              "cached_tokens": out.num_cached_tokens}}
+            choices = [Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason).to_wire() for c in out.outputs]
+            return {**head, "choices": choices,
+                    "usage": usage(len(req.prompt), completion, cached_tokens=out.num_cached_tokens)}
 
         async def stream():
-            import json
-
             async for out in gen:
                 for c in out.outputs:
                     if c.delta_token_ids or c.finish_reason:
-                        body = {**head, "choices": [choice(c, c.delta_text, c.delta_token_ids, c.delta_logprobs)]}
-                        yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
+                        yield engine_chunk(head, [Delta(c.index, c.delta_text, c.delta_token_ids,
+                                                        c.delta_logprobs, c.finish_reason)])
+            yield DONE
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -17,7 +17,8 @@ import torch
 from microserve.config import EngineConfig, ModelConfig
 from microserve.engine.request import Request
 from microserve.errors import UserError
-from microserve.models.loader import LoadedModel, load_tokenizer
+from microserve.models.loader import LoadedModel
+from microserve.tokenizer import load_tokenizer
 from microserve.sampling import SampleResult
 from microserve.sim.cost_model import CostModel
 from microserve.sim.profiles import SimSpec, get_profile

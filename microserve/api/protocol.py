@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microserve.errors import UserError
 from microserve.sampling import SamplingParams
 
 MAX_N = 16
@@ -13,11 +14,15 @@ MAX_PROMPTS = 64  # prompts in one completions call
 MAX_STOP = 16  # stop strings or stop token ids
 
 
+FORWARDED_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -59,12 +64,24 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
         )
 
+    def forwarded(self, max_tokens: int | None, logprobs: int | None) -> dict:
+        """The sampling fields set in this request, as a router passes them on to start_generate
+        (checked here first, as an engine would check them)."""
+        self.sampling_params(max_tokens, logprobs)
+        fields = {k: getattr(self, k) for k in FORWARDED_FIELDS if getattr(self, k, None) is not None}
+        fields.pop("max_tokens", None)
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
+        if logprobs is not None:
+            fields["logprobs"] = logprobs
+        return fields
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
@@ -89,7 +106,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -97,8 +114,31 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
 
+    def message_dicts(self) -> list[dict]:
+        """The messages as the chat template takes them (text content only)."""
+        try:
+            return [{"role": m.role, "content": m.text()} for m in self.messages]
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    @property
+    def completion_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to return, or None for no logprobs at all."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def prompt_list(prompt) -> list:
+    """A completions `prompt` as a list of prompts (text or token ids), one request each."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise UserError("prompt is empty")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if len(prompt) > MAX_PROMPTS:
+        raise UserError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+    return list(prompt)

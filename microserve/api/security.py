@@ -15,7 +15,7 @@ import ipaddress
 import json
 import os
 
-from microserve.server.protocol import error_body
+from microserve.api.errors import error_body
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # a 128k-token prompt as JSON ids is ~1 MB
 
