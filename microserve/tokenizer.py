@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -51,6 +52,20 @@ def hf_tokenizer(folder: Path):
     """The tokenizer of an HF folder; None when it has no tokenizer files."""
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    return _saved_tokenizer(folder)
+
+
+def _saved_tokenizer(folder: Path):
+    """A saved tokenizer. transformers' AutoTokenizer imports torch (through the model config
+    code), which a router must not pay for: a plain `tokenizers` one is loaded directly."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("tokenizer_class") == "TokenizersBackend" and (folder / "tokenizer.json").exists():
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
@@ -58,16 +73,16 @@ def hf_tokenizer(folder: Path):
 
 def gguf_tokenizer(path: Path):
     """transformers converts the GGUF vocabulary; the result is cached, as converting takes seconds."""
-    from transformers import AutoTokenizer
-
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "tokenizers" / key
     if (cache / "tokenizer.json").exists():
         try:
-            return AutoTokenizer.from_pretrained(str(cache))
+            return _saved_tokenizer(cache)
         except Exception:
             pass  # a damaged cache entry: convert again below
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
         tokenizer.save_pretrained(str(cache))
