@@ -1,6 +1,6 @@
 """Engines as Ray actors across the nodes of a Ray cluster, the router in the driver.
 
-Each actor is one engine (`microserve engine` with the same flags), serving HTTP on its node;
+Each actor is one engine (an EngineSpec, as `microserve engine` runs it), serving HTTP on its node;
 the router reaches it by URL like any other engine. Ray restarts an actor whose process
 dies (on the same node or another); the fleet notices the new URL and swaps it into the
 router's cluster, while the requests that were on it continue elsewhere (fail-over).
@@ -11,6 +11,7 @@ stops), so the prefill/decode ratio changes while the system serves.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import time
 
 import httpx
 
+from microserve.launch.spec import EngineSpec
 from microserve.router.cluster import Cluster, Engine
 from microserve.router.fleet import FleetError
 
@@ -32,12 +34,9 @@ PLACEMENT_TIMEOUT_S = 900  # placing the actor and loading its model
 class EngineActor:
     """One engine inside a Ray actor process (made remote by `RayFleet`)."""
 
-    def __init__(self, engine_argv: list[str], host: str | None, env: dict[str, str]):
+    def __init__(self, spec: EngineSpec, host: str | None):
         import ray
 
-        from microserve.cli import build_parser
-
-        os.environ.update(env)  # the cluster token: kept off command lines
         self.node = ray.get_runtime_context().get_node_id()
         os.environ["MICROSERVE_NODE_ID"] = self.node  # peers on other nodes get KV over TCP
         host = host or ray.util.get_node_ip_address()
@@ -45,9 +44,9 @@ class EngineActor:
             s.bind((host, 0))
             port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        args = build_parser().parse_args(["engine", *engine_argv, "--host", host, "--port", str(port)])
+        spec = dataclasses.replace(spec, host=host, port=port)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(args,), name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(spec,), name="engine", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while not self._ready():
@@ -55,9 +54,11 @@ class EngineActor:
                 raise RuntimeError(f"the engine did not start: {self._error!r}")
             time.sleep(0.2)
 
-    def _run(self, args) -> None:
+    def _run(self, spec: EngineSpec) -> None:
+        from microserve.launch.engine import run_engine  # torch and the model: in the actor only
+
         try:
-            args.func(args)
+            run_engine(spec)
         except BaseException as e:  # kept for the error message; the thread ends either way
             self._error = e
 
@@ -74,15 +75,13 @@ class EngineActor:
 class RayFleet:
     """Starts, watches and stops engine actors for one router (see Router's `fleet`)."""
 
-    def __init__(self, engine_argv: list[str], roles: list[str], host: str | None = None,
-                 env: dict[str, str] | None = None, num_cpus: float = 1, num_gpus: float = 0,
-                 resources: dict[str, dict[str, float]] | None = None):
+    def __init__(self, engine: EngineSpec, roles: list[str], host: str | None = None, num_cpus: float = 1,
+                 num_gpus: float = 0, resources: dict[str, dict[str, float]] | None = None):
         import ray
 
-        self.engine_argv = engine_argv
+        self.engine = engine  # what every actor runs (its secrets travel in Ray's object store, not argv)
         self.initial_roles = roles
         self.host = host  # None: each engine on its node's address
-        self.env = env or {}
         self.resources = resources or {}  # per role: custom Ray resources an engine of that role needs
         self.remote = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus,
                                  num_gpus=num_gpus)(EngineActor)
@@ -117,7 +116,7 @@ class RayFleet:
         """Start one engine actor of `role` (placed by SPREAD, or on nodes with the role's
         resources) and take it into rotation."""
         actor = self.remote.options(resources=self.resources.get(role) or None,
-                                    scheduling_strategy="SPREAD").remote(self.engine_argv, self.host, self.env)
+                                    scheduling_strategy="SPREAD").remote(self.engine, self.host)
         import ray
 
         try:

@@ -1,4 +1,5 @@
-"""`microserve serve`: engines and a router on this machine, started and stopped together."""
+"""`microserve serve`: engines and a router on this machine, started and stopped together
+(or, with --ray, engines as Ray actors across a Ray cluster and the router here)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 
 import httpx
 
+from microserve.config import EngineConfig
+from microserve.launch.spec import EngineSpec
 
 RESTART_WINDOW_S = 300
 SIM_ENGINES_PER_PROCESS = 256  # simulated engines hosted by one process
@@ -260,7 +263,7 @@ def serve_ray(args) -> int:
 
     from microserve.router.app import build_router_app
     from microserve.router.cluster import Cluster
-    from microserve.router.ray_fleet import RayFleet
+    from microserve.launch.ray_fleet import RayFleet
     from microserve.router.router import Router
     from microserve.tokenizer import load_tokenizer
 
@@ -272,24 +275,14 @@ def serve_ray(args) -> int:
         print("microserve: error: --roles takes both, prefill or decode per engine", file=sys.stderr)
         return 2
     cpus = args.engine_cpus if args.engine_cpus is not None else (0 if args.simulate else 1)
-    engine_argv = [*(["--model", args.model] if args.model else []), "--served-model-name", name,
-                   "--log-level", "warning"]
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
-        if getattr(args, flag, None):
-            engine_argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    engine_argv += _numerics_flags(args)
-    if args.simulate:
-        engine_argv += ["--simulate", args.simulate]
-    else:
-        engine_argv += ["--dtype", args.dtype, "--threads", str(max(1, int(cpus)))]
     keys = ",".join(args.api_key or []) or os.environ.get("MICROSERVE_API_KEYS", "")
     # "local" starts a private Ray instance (stopped with us), "auto" joins the running one.
     ray.init(address=args.ray, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         # A private local instance stays on this machine: engines on 127.0.0.1 unless told otherwise.
         engine_host = args.engine_host or ("127.0.0.1" if args.ray == "local" else None)
-        fleet = RayFleet(engine_argv, roles, host=engine_host,
-                         env={"MICROSERVE_CLUSTER_TOKEN": token, "MICROSERVE_API_KEYS": token},
+        # engines' own /v1 is for the cluster too: user keys go through the router
+        fleet = RayFleet(_ray_engine_spec(args, name, cpus, token), roles, host=engine_host,
                          num_cpus=cpus, num_gpus=args.engine_gpus, resources=_placement(args.placement))
         cluster = Cluster([], token=token)
         router = Router(cluster, strategy=args.strategy, fleet=fleet)
@@ -333,6 +326,18 @@ def serve_ray(args) -> int:
         return 0 if server.started else 1
     finally:
         ray.shutdown()
+
+
+def _ray_engine_spec(args, name: str, cpus: float, token: str) -> EngineSpec:
+    """What each engine actor of `serve --ray` runs: the flags `serve` passes to local engines."""
+    limits = {flag: getattr(args, flag) for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory")
+              if getattr(args, flag, None)}
+    real = not args.simulate
+    config = EngineConfig(model=args.model, dtype=args.dtype if real else "auto",
+                          num_threads=max(1, int(cpus)) if real else None, kv_shared=real, simulate=args.simulate,
+                          deterministic=real and bool(getattr(args, "deterministic", False)),
+                          quantization=getattr(args, "quantization", "auto") if real else "auto", **limits)
+    return EngineSpec(config, model_name=name, log_level="warning", api_keys=[token], cluster_token=token)
 
 
 def _placement(specs: list[str] | None) -> dict[str, dict[str, float]]:

@@ -17,7 +17,7 @@ import uvicorn
 
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
-from microserve.server.app import KEEP_ALIVE_S
+from microserve.launch.http import KEEP_ALIVE_S
 from microserve.server.openai_api import build_app
 
 log = logging.getLogger("microserve")

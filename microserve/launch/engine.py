@@ -10,24 +10,10 @@ from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
 from microserve.api.security import DEFAULT_MAX_BODY_BYTES, is_loopback
+from microserve.launch.http import KEEP_ALIVE_S, raise_open_file_limit
+from microserve.launch.spec import EngineSpec
 from microserve.server.openai_api import build_app
 from microserve.tokenizer import served_model_name
-
-# Idle connections stay open this long: a router in front of hundreds of engines reaches each
-# only every few seconds, and would otherwise reconnect for almost every request.
-KEEP_ALIVE_S = 75
-
-
-def raise_open_file_limit() -> None:
-    """Each client connection is a file descriptor: allow as many as the system lets us."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
@@ -44,7 +30,7 @@ def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 80
     options = dict(max_waiting=max_waiting, kv_transport=kv_transport, api_keys=api_keys,
                    cluster_token=cluster_token, max_body_bytes=max_body_bytes)
     if cfg.simulate:  # any number of them in this process, one port each
-        from microserve.sim.host import run_simulated_engines
+        from microserve.launch.sim_host import run_simulated_engines
 
         run_simulated_engines(cfg, ports or [port], host, model_name or cfg.simulate, log_level, **options)
         return
@@ -55,3 +41,10 @@ def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 80
                                          name, host, port, engine.pool.num_blocks, cfg.block_size)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def run_engine(spec: EngineSpec) -> None:
+    """`microserve engine` and each Ray engine actor: serve what `spec` describes until stopped."""
+    run_engine_server(spec.config, host=spec.host, port=spec.port, ports=spec.ports, model_name=spec.model_name,
+                      max_waiting=spec.max_waiting, log_level=spec.log_level, kv_transport=spec.kv_transport,
+                      api_keys=spec.api_keys, cluster_token=spec.cluster_token, max_body_bytes=spec.max_body_bytes)
