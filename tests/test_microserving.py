@@ -179,7 +179,10 @@ def test_status_and_prefix_index(cluster):
     assert s["fingerprint"]["block_size"] == BS
     prompt = prompt_of(24, seed=10)
     generate(d, "index", prompt)
-    assert post(d, "/microserving/prefix_match", {"prompt": prompt})["matched_tokens"] == 24
+    # What a router sees of that cache: prep_recv's match, and the block hashes it indexes.
+    recv = post(d, "/microserving/prep_recv", {"request_id": "index-probe", "prompt": prompt + [1], "end": 24})
+    assert recv["prefix_matched_length"] == 24
+    post(d, "/microserving/abort", {"request_id": "index-probe"})
     hashes = httpx.get(d.url + "/microserving/prefix_hashes").json()["hashes"]
     from microserve.engine.block_pool import hash_prompt_blocks
 

@@ -16,10 +16,11 @@ from microserve.api.security import DEFAULT_MAX_BODY_BYTES, install_security
 from microserve.api.streams import merge, run_all
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
+from microserve.engine.sub_requests import TransferFailed
 from microserve.sampling import SamplingParams
 from microserve.server.async_engine import AsyncEngine, QueueFull
 from microserve.server.metrics import EngineMetrics
-from microserve.server.microserving_api import TransferFailed, add_microserving_routes
+from microserve.server.microserving_api import add_microserving_routes
 from microserve.tokenizer import chat_ids, token_text
 
 
