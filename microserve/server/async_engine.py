@@ -80,10 +80,6 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def num_waiting(self) -> int:
-        with self._lock:
-            return len(self.engine.scheduler.waiting) + self._num_adds
-
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  resume: tuple[list[int], int] | None = None) -> AsyncIterator[RequestOutput]:
         """Admit the request now (raising UserError or QueueFull), then iterate its outputs.
