@@ -14,8 +14,9 @@ import httpx
 import pytest
 from ray.cluster_utils import Cluster as RayCluster
 
-from server_utils import ServerProcess
-from test_router import TOKEN, complete, prompt_of
+from server_utils import TOKEN, ServerProcess, complete, prompt_of
+
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

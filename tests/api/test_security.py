@@ -14,6 +14,8 @@ import pytest
 
 from server_utils import ServerProcess
 
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
 KEY, OTHER_KEY, CLUSTER = "user-key-1", "user-key-2", "cluster-secret"
 COMMON = ["--served-model-name", "tiny", "--dtype", "float32", "--kv-cache-memory", "16MiB", "--block-size", "8"]
 

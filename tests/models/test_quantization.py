@@ -87,6 +87,7 @@ def builtin_pair(builtin_gguf):
     return quant, ref
 
 
+@pytest.mark.slow
 def test_builtin_model_keeps_the_file_formats(builtin_gguf, builtin_pair):
     quant, ref = builtin_pair
     assert quant.quantization == "gguf" and ref.quantization == "none"
@@ -118,6 +119,7 @@ def _greedy(loaded, prompts, max_tokens, fused=True):
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
+@pytest.mark.slow
 def test_quantized_matches_dequantized_reference(builtin_pair):
     """Held-out prompts, greedy: the Q4_1 kernels (weight-only) against the float32 reference."""
     quant, ref = builtin_pair
@@ -136,6 +138,7 @@ def test_quantized_matches_dequantized_reference(builtin_pair):
     assert np.median(diffs) < 1e-4 and max(diffs) < 1e-3, (np.median(diffs), max(diffs))
 
 
+@pytest.mark.slow
 def test_fused_decode_step_matches_python_forward(builtin_pair):
     quant, _ = builtin_pair
     prompts = [quant.tokenizer(t).input_ids for t in HELD_OUT[:4]]
@@ -162,6 +165,7 @@ def test_fused_decode_step_on_float32_checkpoints(tmp_path, arch):
             assert abs(flp[0] - plp[0]) < 1e-4
 
 
+@pytest.mark.slow
 def test_fused_decode_step_in_bfloat16(builtin_gguf, builtin_pair):
     """A bfloat16 model (the CPU default where bf16 GEMMs are fast): prefill GEMMs in bfloat16, the
     decode step in float32 over a bfloat16 KV cache. Against the float32 reference and against its

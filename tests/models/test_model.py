@@ -62,6 +62,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, arch):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
 
 
+@pytest.mark.slow
 def test_gguf_greedy_matches_transformers_gguf(builtin_gguf):
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +83,7 @@ def test_gguf_greedy_matches_transformers_gguf(builtin_gguf):
         assert out.outputs[0].token_ids == ref
 
 
+@pytest.mark.slow
 def test_gguf_config_and_tokenizer(builtin_gguf):
     loaded = load_model(builtin_gguf, dtype="bfloat16", device="cpu", progress=False, quantization="none")
     cfg = loaded.config

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from server_utils import ServerProcess, free_port
 
@@ -34,6 +35,7 @@ def test_prefix_index_hashes_each_prompt_once_and_agrees_with_each_engine(monkey
     assert cluster.cached_tokens(prompt)[cluster.engines[6]] == 0
 
 
+@pytest.mark.slow
 def test_status_streams_follow_engines_without_polling():
     from microserve.router.cluster import Cluster
 
@@ -72,6 +74,7 @@ def test_status_streams_follow_engines_without_polling():
         hosts.stop()
 
 
+@pytest.mark.slow
 def test_a_dead_engine_is_marked_down_and_taken_back_after_restart():
     from microserve.router.cluster import Cluster
 

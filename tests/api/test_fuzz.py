@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from server_utils import ServerProcess
 
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
 CLUSTER = "fuzz-cluster-token"
 EXAMPLES = int(os.environ.get("MICROSERVE_FUZZ_EXAMPLES", "150"))
 IDS = ["a", "b", "c"]  # few request ids, so conflicts and aborts of live requests happen too

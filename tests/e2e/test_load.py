@@ -46,6 +46,7 @@ async def _flood(url, n, body, timeout=300):
         return await asyncio.gather(*(client.post(url, json=body) for _ in range(n)))
 
 
+@pytest.mark.slow
 def test_full_engine_queue_answers_429_and_recovers(servers):
     e0, _, _ = servers
     body = {"model": "tiny", "prompt": list(range(1, 40)), "max_tokens": 24, "ignore_eos": True}
@@ -58,6 +59,7 @@ def test_full_engine_queue_answers_429_and_recovers(servers):
     assert httpx.post(e0.url + "/v1/completions", json=body).status_code == 200
 
 
+@pytest.mark.slow
 def test_router_queue_is_bounded(tiny_llama, servers):
     _, e1, _ = servers
     small = ServerProcess(["router", "--engine", e1.url, "--model", tiny_llama, "--served-model-name", "tiny",
@@ -72,6 +74,7 @@ def test_router_queue_is_bounded(tiny_llama, servers):
     wait_idle(e1)
 
 
+@pytest.mark.slow
 def test_stalled_client_does_not_stall_the_engine(servers):
     e0, _, _ = servers
     # A client that asks for a long stream and never reads it, with a tiny receive window.
@@ -101,6 +104,7 @@ def test_stalled_client_does_not_stall_the_engine(servers):
     wait_idle(e0)
 
 
+@pytest.mark.slow
 def test_router_holds_thousands_of_connections(servers):
     _, e1, router = servers
     n = 2000

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from server_utils import ServerProcess, free_port, wait_healthy
+from server_utils import TOKEN, ServerProcess, complete, free_port, prompt_of, wait_healthy
 
-TOKEN = "secret-admin-token"
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shortest_queue_split.py"
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shortest_queue_split.py"
 
 
 # Real engines (a tiny model) and simulated ones (a cost model for the forward pass, the same
@@ -37,18 +37,6 @@ def setup(request, tiny_llama):
     yield {"e0": e0, "e1": e1, "ref": ref, "router": router}
     for p in (router, e0, e1, ref):
         p.stop()
-
-
-def prompt_of(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 49152, (n,), generator=g).tolist()
-
-
-def complete(server, prompt, max_tokens=12):
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
-                                                         "temperature": 0, "ignore_eos": True}, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
 
 
 def switch(router, body, token=TOKEN):

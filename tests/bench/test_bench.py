@@ -256,6 +256,7 @@ def bench(*args) -> int:
     return main(["bench", "--no-progress", *args])
 
 
+@pytest.mark.slow
 def test_bench_run_against_a_served_model(served, tiny_llama, tmp_path):
     out = tmp_path / "run.json"
     assert bench("--url", served.url, "--model", tiny_llama, "--workload", "sonnet", "--input-len", "48",
@@ -274,6 +275,7 @@ def test_bench_run_against_a_served_model(served, tiny_llama, tmp_path):
     assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
 
 
+@pytest.mark.slow
 def test_failures_are_counted_not_raised(served, tiny_llama, tmp_path):
     out = tmp_path / "bad.json"
     assert bench("--url", served.url, "--model", tiny_llama, "--served-model-name", "no-such-model",
@@ -283,6 +285,7 @@ def test_failures_are_counted_not_raised(served, tiny_llama, tmp_path):
     assert list(s["errors"].values()) == [3] and "HTTP 404" in next(iter(s["errors"]))
 
 
+@pytest.mark.slow
 def test_sweep_strategies_and_rates(served, tiny_llama, tmp_path):
     out = tmp_path / "sweep.json"
     assert bench("--url", served.url, "--model", tiny_llama, "--input-len", "40", "--output-len", "6",

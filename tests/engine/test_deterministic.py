@@ -21,6 +21,8 @@ from microserve.models.loader import load_model
 from microserve.sampling import SamplingParams
 from server_utils import ServerProcess
 
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
 TOKEN = "deterministic-admin-token"
 GREEDY = dict(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
 

@@ -88,6 +88,7 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow
 def test_serve_64_simulated_engines():
     """The whole stack at 64 engines: every request completes, every process stops."""
     port = free_port()

@@ -10,6 +10,8 @@ import torch
 
 from server_utils import ServerProcess
 
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
 BS = 8  # small blocks, so prompts span several and end in a partial one
 
 

@@ -108,6 +108,7 @@ async def _stream_all(url: str, max_tokens: int, on_progress=None) -> list[dict]
         return await asyncio.gather(*(one(client, seed, n, extra) for seed, n, extra in LOAD))
 
 
+@pytest.mark.slow
 def test_engine_killed_under_streaming_load(cluster, tiny_llama):
     router, e1 = cluster["router"], cluster["e1"]
     max_tokens = 160
@@ -146,6 +147,7 @@ def test_engine_killed_under_streaming_load(cluster, tiny_llama):
     assert back.metric("microserve:generation_tokens_total") > 0
 
 
+@pytest.mark.slow
 def test_broken_kv_transfer_falls_back_to_local_prefill(cluster):
     """The prefill engine is unreachable: the decode engine prefills itself; same output,
     and its reservation is not left behind."""

@@ -11,8 +11,9 @@ import time
 import httpx
 import pytest
 
-from server_utils import ServerProcess
-from test_router import TOKEN, complete, prompt_of
+from server_utils import TOKEN, ServerProcess, complete, prompt_of
+
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

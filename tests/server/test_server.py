@@ -12,6 +12,8 @@ import pytest
 
 from server_utils import ServerProcess
 
+pytestmark = pytest.mark.slow  # every test here starts server processes or loads the built-in model
+
 MODEL = "tiny"
 
 
