@@ -16,7 +16,7 @@ from microserve.errors import UserError
 from microserve.kv_transfer.address import KVAddress, layout_fingerprint, local_node
 from microserve.kv_transfer.progress import LayerProgress
 from microserve.kv_transfer.receiver import KVReceiver
-from microserve.kv_transfer.sender import send_kv
+from microserve.kv_transfer.sender import sender_of
 from microserve.kv_transfer.wire import TransferError
 
 RunInLoop = Callable[[Callable], Awaitable]  # runs a function in the engine loop thread, between steps
@@ -63,6 +63,7 @@ class SubRequests:
         self.engine = engine
         self.run_in_loop = run_in_loop
         self.kv = kv = engine.runner.kv
+        self.send_kv = sender_of(kv)
         self.fingerprint = kv_fingerprint(engine)
         self.receiver = KVReceiver(kv, self.fingerprint, engine.microserving, host=host)
         self.node = local_node()
@@ -122,7 +123,7 @@ class SubRequests:
 
     async def _send(self, progress: LayerProgress, addr: KVAddress):
         try:
-            return await asyncio.to_thread(send_kv, self.kv, progress, addr, self.fingerprint)
+            return await asyncio.to_thread(self.send_kv, self.kv, progress, addr, self.fingerprint, 600.0)
         except (TransferError, OSError) as e:
             raise TransferFailed(f"KV transfer to {addr.host}:{addr.port} failed: {e}") from None
 
