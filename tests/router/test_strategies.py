@@ -23,6 +23,7 @@ class FakeEngine:
         self.kv_free = 1.0
         self.healthy = True
         self.cached = cached  # leading prompt tokens in its prefix cache
+        self.prefilling = 0
         self.fail_send = fail_send
         self.log: list[tuple] = []
 
@@ -173,6 +174,17 @@ def test_elastic_disagg_is_data_parallel_while_idle():
     p, d = FakeEngine("p", role="prefill"), FakeEngine("d", role="decode")
     run(strategies.elastic_disagg, FakeCluster(p, d))
     assert len(p.log + d.log) == 1 and (p.log + d.log)[0] == ("start_generate", 0)
+    assert p.prefilling == d.prefilling == 0  # counted only until the first chunk
+
+
+def test_elastic_disagg_splits_under_load_and_lets_d_take_prompts_p_is_backed_up_on():
+    p, d = FakeEngine("p", role="prefill", load=2), FakeEngine("d", role="decode", load=3)
+    run(strategies.elastic_disagg, FakeCluster(p, d))
+    assert [c[0] for c in p.log] == ["remote_send"] and [c[0] for c in d.log] == ["prep_recv", "start_generate"]
+    p, d = FakeEngine("p", role="prefill", load=6), FakeEngine("d", role="decode", load=1)
+    p.prefilling = 5  # five prompts queued on P, one sequence decoding on D: D prefills this one itself
+    run(strategies.elastic_disagg, FakeCluster(p, d))
+    assert p.log == [] and d.log == [("start_generate", 0)]
 
 
 USER_STRATEGY = '''
