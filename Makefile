@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve   starts the main job: engines + router (creating .venv on first use)
-#   make test    runs the test suite (creating .venv on first use)
+#   make test    runs the test suite (creating .venv on first use); make test-fast the fast part
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve engine test bench clean
+.PHONY: serve engine test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ engine: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The inner loop: every test that starts no process and loads no built-in model (~30 s).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py

@@ -28,7 +28,7 @@ import torch
 
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
-from microserve.models.loader import builtin_model_path
+from microserve.tokenizer import builtin_model_path
 from microserve.sampling import SamplingParams
 
 

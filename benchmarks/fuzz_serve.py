@@ -24,14 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
-from fuzz_requests import Fuzzer, cases, check_cluster  # noqa: E402
-from test_fuzz_serve import SIMULATED, TOKEN, start_serve, stop  # noqa: E402
-
-FLEETS = {"builtin": ["--engines", "2"], "simulated": ["--engines", "4", "--simulate", SIMULATED]}
+from fuzz_requests import FLEETS, TOKEN, Fuzzer, cases, check_cluster  # noqa: E402
+from server_utils import start_serve, stop_serve  # noqa: E402
 
 
 def fuzz_fleet(name: str, examples: int, rng_seed: int) -> dict:
-    url, proc = start_serve(*FLEETS[name])
+    url, proc = start_serve(*FLEETS[name], env={"MICROSERVE_CLUSTER_TOKEN": TOKEN})
     fuzzer = Fuzzer(url, TOKEN)
     start, finding = time.monotonic(), None
 
@@ -48,7 +46,7 @@ def fuzz_fleet(name: str, examples: int, rng_seed: int) -> dict:
         finding = f"{type(e).__name__}: {e}"
     finally:
         fuzzer.close()
-        stop(proc)
+        stop_serve(proc)
     t = fuzzer.tally
     return {"fleet": name, "cases": t.cases, "streamed": t.streamed, "tokens_counted": t.tokens,
             "seconds": round(time.monotonic() - start, 1), "by_strategy": dict(t.by_strategy),

@@ -1,12 +1,17 @@
-"""`microserve` command line: generate, engine, router, serve, bench."""
+"""`microserve` command line: generate, engine, router, serve, bench. It parses flags into a
+launch spec and hands it to microserve/launch/."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
-from microserve.errors import UserError
+from microserve.api.security import env_list
 from microserve.config import QUANTIZATION_CHOICES
+from microserve.errors import UserError
+from microserve.launch.spec import EngineSpec, GenerateSpec, RouterSpec, ServeSpec
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,26 +26,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> None:
-    from microserve import LLM, SamplingParams
+    from microserve.launch.generate import generate
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device,
-              kv_cache_memory=args.kv_cache_memory, num_threads=args.threads, deterministic=args.deterministic,
-              quantization=args.quantization)
-    tok = llm.tokenizer
-    if tok is not None and tok.chat_template and not args.raw:
-        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
-    else:
-        prompt = args.prompt
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    for out in llm.stream(prompt, params):
-        sys.stdout.write(out.outputs[0].delta_text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    generate(_spec(GenerateSpec, args))
 
 
 def cmd_engine(args) -> None:
     from microserve.config import EngineConfig
-    from microserve.server.app import run_engine_server
+    from microserve.launch.engine import run_engine
 
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                        kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
@@ -49,21 +42,43 @@ def cmd_engine(args) -> None:
                        kv_shared=args.kv_transport == "shm" and not args.simulate, simulate=args.simulate,
                        deterministic=args.deterministic, quantization=args.quantization)
     ports = [int(p) for p in args.ports.split(",")] if args.ports else None
-    run_engine_server(cfg, host=args.host, port=args.port, ports=ports, model_name=args.served_model_name,
-                      max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
-                      api_keys=_api_keys(args), cluster_token=_cluster_token(args),
-                      max_body_bytes=args.max_body_bytes)
+    run_engine(EngineSpec(cfg, host=args.host, port=args.port, ports=ports, model_name=args.served_model_name,
+                          max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
+                          api_keys=_api_keys(args), cluster_token=_cluster_token(args),
+                          max_body_bytes=args.max_body_bytes))
+
+
+def cmd_router(args) -> None:
+    from microserve.launch.router import run_router
+
+    run_router(RouterSpec(engines=args.engine, roles=args.roles.split(",") if args.roles else None,
+                          follow=args.follow, strategy=args.strategy, model=args.model,
+                          served_model_name=args.served_model_name, host=args.host, port=args.port,
+                          max_active=args.max_active, max_queued=args.max_queued, api_keys=_api_keys(args),
+                          cluster_token=_cluster_token(args), max_body_bytes=args.max_body_bytes,
+                          log_level=args.log_level))
+
+
+def cmd_serve(args) -> None:
+    from microserve.launch.local import serve
+
+    if args.config:
+        _apply_config(args, args.config)
+    code = serve(_spec(ServeSpec, args))
+    if code:
+        raise SystemExit(code)
+
+
+def _spec(cls, args):
+    """A launch spec from the flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _api_keys(args) -> list[str]:
-    from microserve.server.security import env_list
-
     return list(args.api_key or []) + env_list("MICROSERVE_API_KEYS")
 
 
 def _cluster_token(args) -> str | None:
-    import os
-
     return (args.cluster_token or os.environ.get("MICROSERVE_CLUSTER_TOKEN")
             or os.environ.get("MICROSERVE_ADMIN_TOKEN") or None)
 
@@ -75,50 +90,6 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-token", "--admin-token", dest="cluster_token", default=None,
                    help="secret for the admin, microserving and KV-transfer surfaces (or MICROSERVE_CLUSTER_TOKEN)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger request bodies get 413")
-
-
-def cmd_router(args) -> None:
-    import logging
-
-    import uvicorn
-
-    from microserve.models.loader import load_tokenizer
-    from microserve.router.cluster import Cluster
-    from microserve.router.router import build_router_app
-    from microserve.server.app import raise_open_file_limit, served_model_name
-    from microserve.server.security import is_loopback
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    roles = args.roles.split(",") if args.roles else None
-    token = _cluster_token(args)
-    keys = _api_keys(args)
-    if not is_loopback(args.host) and not keys:
-        logging.getLogger("microserve").warning("serving on %s without --api-key: anyone who can reach it may use it",
-                                                args.host)
-    raise_open_file_limit()
-    if not args.engine and not args.follow:
-        raise UserError("give the engines (--engine URL, repeated) or a router to follow (--follow URL)")
-    cluster = Cluster(args.engine, roles, token=token)
-    try:
-        app = build_router_app(cluster, load_tokenizer(args.model),
-                               args.served_model_name or served_model_name(args.model),
-                               strategy=args.strategy, cluster_token=token, api_keys=keys,
-                               max_active=args.max_active, max_queued=args.max_queued,
-                               max_body_bytes=args.max_body_bytes, follow=args.follow)
-    except (ValueError, OSError, SyntaxError) as e:
-        raise UserError(f"cannot load strategy {args.strategy!r}: {e}") from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5, backlog=4096)
-
-
-def cmd_serve(args) -> None:
-    from microserve.router.serve import serve
-
-    if args.config:
-        _apply_config(args, args.config)
-    code = serve(args)
-    if code:
-        raise SystemExit(code)
 
 
 def _apply_config(args, path: str) -> None:
@@ -150,6 +121,13 @@ DETERMINISTIC_HELP = ("batch-invariant kernels: the same tokens and logprobs wha
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microserve", description="A programmable LLM serving system.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_engine, _add_router, _add_serve, _add_bench):
+        add(sub)
+    return parser
+
+
+def _add_generate(sub) -> None:
+    """`microserve generate`: one prompt, streamed to the terminal."""
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
     _add_model_args(g)
@@ -159,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_engine(sub) -> None:
+    """`microserve engine`: one engine server (or simulated engines, one per port)."""
     e = sub.add_parser("engine", help="serve one engine over the OpenAI-compatible HTTP API")
     _add_model_args(e)
     e.add_argument("--host", default="127.0.0.1")
@@ -180,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_args(e)
     e.set_defaults(func=cmd_engine)
 
+
+def _add_router(sub) -> None:
+    """`microserve router`: one router in front of engines."""
     r = sub.add_parser("router", help="an OpenAI-compatible front that splits requests across engines")
     r.add_argument("--engine", action="append", default=[], help="an engine URL (repeat for each)")
     r.add_argument("--follow", default=None, metavar="ROUTER_URL",
@@ -197,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="info")
     r.set_defaults(func=cmd_router)
 
+
+def _add_serve(sub) -> None:
+    """`microserve serve`: engines and routers together, locally or on Ray."""
     s = sub.add_parser("serve", help="start engines and a router on this machine (the main job)")
     s.add_argument("--engines", type=int, default=2)
     s.add_argument("--model", default=None)
@@ -235,12 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a YAML file with any of these options (flags given win)")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_bench(sub) -> None:
+    """`microserve bench`: a load test of an OpenAI-compatible endpoint."""
     from microserve.bench import cli as bench_cli
 
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, TPOT, ITL, JCT, goodput")
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

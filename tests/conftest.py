@@ -29,7 +29,7 @@ TINY = dict(
 
 @pytest.fixture(scope="session")
 def builtin_gguf():
-    from microserve.models.loader import builtin_model_path
+    from microserve.tokenizer import builtin_model_path
 
     return builtin_model_path()
 
@@ -38,9 +38,9 @@ def builtin_gguf():
 def smollm_tokenizer(builtin_gguf):
     from pathlib import Path
 
-    from microserve.models.loader import _gguf_tokenizer
+    from microserve.tokenizer import gguf_tokenizer
 
-    return _gguf_tokenizer(Path(builtin_gguf))
+    return gguf_tokenizer(Path(builtin_gguf))
 
 
 def make_tiny_checkpoint(folder, arch: str, tokenizer=None, seed: int = 0, **overrides):

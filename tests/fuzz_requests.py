@@ -4,7 +4,7 @@ Unlike tests/test_fuzz.py (junk in every field, so that nearly every case is a 4
 body here is valid: each field of completions and chat, alone or combined with the others,
 streamed and not, under a drawn routing strategy. So every case reaches the engines' real
 path (sampling, penalties, stop handling, KV transfer between engines) and must answer 200
-with a well-formed body. Used by tests/test_fuzz_serve.py (short) and
+with a well-formed body. Used by tests/e2e/test_fuzz_serve.py (short) and
 benchmarks/fuzz_serve.py (long).
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import httpx
 from hypothesis import strategies as st
 
+TOKEN = "fuzz-serve-token"  # the cluster token of the fleets fuzzed
+FLEETS = {"builtin": ["--engines", "2"], "simulated": ["--engines", "4", "--simulate", "llama-3.1-8b@h100"]}
 VOCAB = 49152  # the built-in model's vocabulary (the simulated fleet uses the same tokenizer)
 STRATEGIES = ["round_robin", "least_loaded", "prefix_aware", "disagg", "balanced_disagg", "context_migration"]
 

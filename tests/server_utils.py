@@ -11,6 +11,8 @@ import time
 
 import httpx
 
+TOKEN = "secret-admin-token"  # the cluster token router tests start with
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -73,3 +75,43 @@ class ServerProcess:
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+
+def prompt_of(n, seed):
+    """`n` random token ids of the SmolLM2 vocabulary, the same for the same seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 49152, (n,), generator=g).tolist()
+
+
+def complete(server, prompt, max_tokens=12):
+    """Greedy /v1/completions text of model `tiny`."""
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                                         "temperature": 0, "ignore_eos": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def start_serve(*args: str, env: dict | None = None, timeout: float = 300) -> tuple[str, subprocess.Popen]:
+    """`microserve serve ARGS` in its own process group, waited on until its router is healthy."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "microserve.cli", "serve", "--port", str(port), *args],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout=timeout)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return url, proc
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM to `serve` and everything it started; SIGKILL if they linger."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -153,7 +153,7 @@ async def _run(args, plan: dict) -> None:
 
     from microserve.bench import client as bench_client
     from microserve.bench import metrics, workloads
-    from microserve.models.loader import load_tokenizer
+    from microserve.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     spec = workloads.WorkloadSpec(args.workload, args.num_requests, args.input_len, args.output_len, args.input_std,

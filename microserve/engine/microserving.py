@@ -13,15 +13,7 @@ import time
 from dataclasses import dataclass
 
 from microserve.engine.block_pool import hash_prompt_blocks
-from microserve.errors import UserError
-
-
-class Conflict(UserError):
-    """The request exists but is in a state that forbids this call (HTTP 409)."""
-
-
-class NotFound(UserError):
-    """No such request here (HTTP 404)."""
+from microserve.errors import Conflict, NotFound, UserError
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+
 import torch
 
 from microserve.kv_transfer.address import KVAddress, TransferResult, local_node
@@ -23,6 +25,15 @@ def _open_shared(path: str, num_elements: int, dtype) -> torch.Tensor:
     return t
 
 
+# How a pool's KV goes to a peer: (kv, source, addr, fingerprint, timeout) -> TransferResult.
+# `send_kv` for real pools; a pool that moves no bytes (sim/) brings its own as `kv.sender`.
+KVSender = Callable[[object, LayerProgress, KVAddress, dict, float], TransferResult]
+
+
+def sender_of(kv) -> KVSender:
+    return getattr(kv, "sender", None) or send_kv
+
+
 def send_kv(kv, source: LayerProgress, addr: KVAddress, fingerprint: dict, timeout: float = 600.0) -> TransferResult:
     """Push positions [addr.begin, addr.end) of local KV into the receiver, layer by layer.
 
@@ -30,10 +41,6 @@ def send_kv(kv, source: LayerProgress, addr: KVAddress, fingerprint: dict, timeo
     the computation of the later layers. Returns once the receiver has acknowledged
     every byte; raises TransferError otherwise (the receiver then keeps nothing).
     """
-    if getattr(kv, "simulated", False):
-        from microserve.sim.transfer import send_simulated
-
-        return send_simulated(kv, source, addr, fingerprint, timeout)
     begin, end = addr.begin, addr.end
     # Shared memory only on the receiver's own node (on another, the same path is another file, or none).
     same_node = addr.node is None or addr.node == local_node()

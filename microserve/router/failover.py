@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.api.streams import merge as _merge
 from microserve.router.cluster import Cluster, Engine, EngineDown, EngineError
-from microserve.server.openai_api import _merge
 
 log = logging.getLogger("microserve.router")
 

@@ -117,23 +117,19 @@ async def adaptive(req: Request, cluster: Cluster, long_prompt: int = 256, busy:
         yield chunk
 
 
-# Prompts each engine is prefilling for this router (from the call until the first token).
-_prefilling: dict[Engine, int] = {}
-
-
 async def _counted(engine: Engine, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    """`chunks`, counted in `_prefilling[engine]` until the first one arrives."""
-    _prefilling[engine] = _prefilling.get(engine, 0) + 1
+    """`chunks`, counted in `engine.prefilling` until the first one arrives."""
+    engine.prefilling += 1
     counting = True
     try:
         async for chunk in chunks:
             if counting:
-                _prefilling[engine] -= 1
+                engine.prefilling -= 1
                 counting = False
             yield chunk
     finally:
         if counting:
-            _prefilling[engine] -= 1
+            engine.prefilling -= 1
 
 
 async def elastic_disagg(req: Request, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[dict]:
@@ -148,13 +144,13 @@ async def elastic_disagg(req: Request, cluster: Cluster, idle_load: int = 2) -> 
         async for chunk in generate_on(decode, req):
             yield chunk
         return
-    prefill = min(prefills, key=lambda e: (_prefilling.get(e, 0), e.load))
-    queued = _prefilling.get(prefill, 0)
-    decoding = decode.load - _prefilling.get(decode, 0)
+    prefill = min(prefills, key=lambda e: (e.prefilling, e.load))
+    queued = prefill.prefilling
+    decoding = decode.load - decode.prefilling
     if not queued and prefill.load + decode.load < idle_load:
         engine = cluster.least_loaded([prefill, decode])
         chunks = generate_on(engine, req)
-    elif queued > decoding and not _prefilling.get(decode, 0):
+    elif queued > decoding and not decode.prefilling:
         engine, chunks = decode, generate_on(decode, req)
     else:
         engine, chunks = prefill, split(req, prefill, decode, len(req.prompt) - 1)

@@ -6,11 +6,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from microserve.api.metrics import LATENCY_BUCKETS
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class EngineMetrics:

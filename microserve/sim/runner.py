@@ -18,10 +18,12 @@ from microserve.config import EngineConfig, ModelConfig
 from microserve.engine.request import Request
 from microserve.engine.structured import allowed_tokens
 from microserve.errors import UserError
-from microserve.models.loader import LoadedModel, load_tokenizer
+from microserve.models.loader import LoadedModel
+from microserve.tokenizer import load_tokenizer
 from microserve.sampling import SampleResult, failed
 from microserve.sim.cost_model import CostModel
 from microserve.sim.profiles import SimSpec, get_profile
+from microserve.sim.transfer import send_simulated
 
 _MASK64 = (1 << 64) - 1
 
@@ -83,6 +85,7 @@ class SimKV:
 
     simulated = True
     paths = None  # no shared-memory pool: peers "send" over the control connection
+    sender = staticmethod(send_simulated)  # the kv_transfer sender of this pool
 
     def __init__(self, num_blocks: int, block_size: int, cost: CostModel):
         self.num_blocks = num_blocks

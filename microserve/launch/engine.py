@@ -1,0 +1,50 @@
+"""`microserve engine`: one engine behind the OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from microserve.config import EngineConfig
+from microserve.engine.engine import LLMEngine
+from microserve.errors import UserError
+from microserve.api.security import DEFAULT_MAX_BODY_BYTES, is_loopback
+from microserve.launch.http import KEEP_ALIVE_S, raise_open_file_limit
+from microserve.launch.spec import EngineSpec
+from microserve.server.openai_api import build_app
+from microserve.tokenizer import served_model_name
+
+
+def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+                      model_name: str | None = None, max_waiting: int = 256, log_level: str = "info",
+                      kv_transport: str = "shm", api_keys: list[str] | None = None,
+                      cluster_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                      ports: list[int] | None = None) -> None:
+    """Serve one engine on `port`; simulated engines (cfg.simulate) may take several `ports`."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not is_loopback(host) and not cluster_token:
+        raise UserError(f"binding to {host} without --cluster-token would let anyone on the network read and "
+                        "write this engine's KV cache: give a cluster token")
+    raise_open_file_limit()
+    options = dict(max_waiting=max_waiting, kv_transport=kv_transport, api_keys=api_keys,
+                   cluster_token=cluster_token, max_body_bytes=max_body_bytes)
+    if cfg.simulate:  # any number of them in this process, one port each
+        from microserve.launch.sim_host import run_simulated_engines
+
+        run_simulated_engines(cfg, ports or [port], host, model_name or cfg.simulate, log_level, **options)
+        return
+    engine = LLMEngine(cfg)
+    name = model_name or served_model_name(cfg.model)
+    app = build_app(engine, name, host=host, **options)
+    logging.getLogger("microserve").info("serving %s on http://%s:%d (KV blocks: %d of %d tokens)",
+                                         name, host, port, engine.pool.num_blocks, cfg.block_size)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def run_engine(spec: EngineSpec) -> None:
+    """`microserve engine` and each Ray engine actor: serve what `spec` describes until stopped."""
+    run_engine_server(spec.config, host=spec.host, port=spec.port, ports=spec.ports, model_name=spec.model_name,
+                      max_waiting=spec.max_waiting, log_level=spec.log_level, kv_transport=spec.kv_transport,
+                      api_keys=spec.api_keys, cluster_token=spec.cluster_token, max_body_bytes=spec.max_body_bytes)

@@ -1,0 +1,78 @@
+"""The router's OpenAI-compatible completions and chat: tokenize once, route each prompt
+through the router, render what the engines stream back (api/render.py, as engines do)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi.responses import StreamingResponse
+
+from microserve.api.errors import check_model, sse_errors
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, prompt_list
+from microserve.api.render import ChatRender, CompletionRender, Delta, accumulate
+from microserve.api.streams import merge
+from microserve.errors import UserError
+from microserve.router.router import Routed, Router
+from microserve.tokenizer import chat_ids, encode, token_text
+
+
+async def deltas(routed: Routed) -> AsyncIterator[Delta]:
+    """The choices' output in the engines' chunks."""
+    async with aclosing(routed.chunks()) as chunks:
+        async for chunk in chunks:
+            for choice in chunk["choices"]:
+                yield Delta.from_wire(choice)
+
+
+class RouterFront:
+    def __init__(self, router: Router, tokenizer, model_name: str):
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.token_text = token_text(tokenizer)
+
+    async def tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):  # in a thread: a long prompt would stall every stream this loop serves
+            return await asyncio.to_thread(encode, self.tokenizer, prompt)
+        return list(prompt)
+
+    async def route_all(self, ids_list: list[list[int]], sampling: dict) -> list[Routed]:
+        """Each prompt routed as its own request; all or none of them started."""
+        routed = []
+        try:
+            for ids in ids_list:
+                routed.append(await self.router.route(ids, sampling))
+        except Exception:
+            for r in routed:  # closing them aborts what already started
+                await r.aclose()
+            raise
+        return routed
+
+    async def completions(self, req: CompletionRequest):
+        check_model(req.model, self.model_name)
+        prompts = prompt_list(req.prompt)
+        ids_list = [await self.tokenize(p) for p in prompts]
+        if not all(ids_list):
+            raise UserError("the prompt is empty")
+        routed = await self.route_all(ids_list, req.forwarded(req.max_tokens, req.logprobs))
+        echoes = [(p if isinstance(p, str) else self.tokenizer.decode(ids)) if req.echo else ""
+                  for p, ids in zip(prompts, ids_list)]
+        render = CompletionRender(f"cmpl-{uuid.uuid4().hex}", self.model_name, req.n, sum(map(len, ids_list)),
+                                  self.token_text, echoes, req.include_usage)
+        if not req.stream:
+            return render.body(await asyncio.gather(*(accumulate(deltas(r)) for r in routed)))
+        return StreamingResponse(sse_errors(render.stream(merge([deltas(r) for r in routed]))), media_type="text/event-stream")
+
+    async def chat(self, req: ChatCompletionRequest):
+        check_model(req.model, self.model_name)
+        messages = req.message_dicts()
+        ids = await asyncio.to_thread(chat_ids, self.tokenizer, messages, req.add_generation_prompt)
+        routed = await self.router.route(ids, req.forwarded(req.completion_max_tokens, req.top_logprobs_wanted))
+        render = ChatRender(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, req.n, len(ids), self.token_text,
+                            req.include_usage)
+        if not req.stream:
+            return render.body(await accumulate(deltas(routed)))
+        return StreamingResponse(sse_errors(render.stream(deltas(routed))), media_type="text/event-stream")
