@@ -44,6 +44,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", param
+    if first.get("type") == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 

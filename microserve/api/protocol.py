@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from microserve.errors import UserError
-from microserve.sampling import SamplingParams
+from microserve.sampling import SamplingParams, StructuredOutput
 
 MAX_N = 16
 MAX_PROMPTS = 64  # prompts in one completions call
@@ -15,17 +16,74 @@ MAX_STOP = 16  # stop strings or stop token ids
 
 
 FORWARDED_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens")
+                    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens",
+                    "logit_bias", "skip_special_tokens", "include_stop_str_in_output")
+# OpenAI fields that would change the output and that this server does not do: refused by name,
+# never dropped without a word. Fields that change nothing here (store, metadata, user,
+# service_tier) are accepted; any other unknown field is refused, as OpenAI refuses it.
+REFUSED_FIELDS = ("suffix", "best_of", "audio", "modalities", "prediction", "functions", "function_call",
+                  "web_search_options", "reasoning_effort", "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def spec(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.json_schema is None:
+            raise UserError("response_format of type json_schema needs a `json_schema` object")
+        schema = self.json_schema.schema_
+        return StructuredOutput(json_schema=json.dumps(True if schema is None else schema))
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def spec(self) -> StructuredOutput:
+        schema = self.json_ if self.json_ is None or isinstance(self.json_, str) else json.dumps(self.json_)
+        return StructuredOutput(json_schema=schema, regex=self.regex, grammar=self.grammar,
+                                choice=None if self.choice is None else tuple(self.choice),
+                                json_object=bool(self.json_object))
+
+    @classmethod
+    def of(cls, spec: StructuredOutput) -> dict:
+        """The wire form a router forwards to an engine."""
+        body = {"json": spec.json_schema, "regex": spec.regex, "grammar": spec.grammar,
+                "choice": None if spec.choice is None else list(spec.choice), "json_object": spec.json_object or None}
+        return {k: v for k, v in body.items() if v is not None}
 
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
@@ -43,7 +101,51 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    # structured outputs: OpenAI's field, vLLM's, and vLLM's older guided_* ones
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # accepted, and change nothing here
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    # refused by name (REFUSED_FIELDS)
+    suffix: Any = None
+    best_of: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    functions: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The one structured-output constraint this request asks for, if any."""
+        for name in REFUSED_FIELDS:
+            value = getattr(self, name, None)
+            if value is not None and not (name == "best_of" and value == 1) \
+                    and not (name == "modalities" and value == ["text"]):
+                raise UserError(f"`{name}` is not supported by this server")
+        given = {"response_format": self.response_format.spec() if self.response_format else None,
+                 "structured_outputs": self.structured_outputs.spec() if self.structured_outputs else None}
+        guided = StructuredOutputs(json=self.guided_json, regex=self.guided_regex, choice=self.guided_choice,
+                                   grammar=self.guided_grammar)
+        if any(v is not None for v in (self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)):
+            given["guided_*"] = guided.spec()
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise UserError(f"give one structured-output constraint, not {' and '.join(given)}")
+        return next(iter(given.values()), None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -62,13 +164,19 @@ class SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            structured=self.structured(),
+            logit_bias=self.logit_bias,
+            skip_special_tokens=self.skip_special_tokens is not False,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
         )
 
     def forwarded(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """The sampling fields set in this request, as a router passes them on to start_generate
         (checked here first, as an engine would check them)."""
-        self.sampling_params(max_tokens, logprobs)
+        params = self.sampling_params(max_tokens, logprobs)
         fields = {k: getattr(self, k) for k in FORWARDED_FIELDS if getattr(self, k, None) is not None}
+        if params.structured is not None:  # one canonical form, whichever field the client used
+            fields["structured_outputs"] = StructuredOutputs.of(params.structured)
         fields.pop("max_tokens", None)
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens

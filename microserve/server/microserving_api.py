@@ -79,6 +79,7 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
     if req.generated and req.begin:
         raise UserError("`generated` (resume) cannot be combined with begin > 0")
     resume = (req.generated, req.generated_text_len) if req.generated else None
+    await aengine.prepare(params)
     gen = aengine.generate(req.request_id, req.prompt, params, resume)
     head = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": req.model or engine.model_config.name}

@@ -106,8 +106,10 @@ class OpenAIFront:
         self.engine.validate(prompt_ids, params)
         return params
 
-    def start(self, rid: str, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list:
+    async def start(self, rid: str, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list:
         """One output stream per prompt (ids `rid-i`); all or none of them admitted."""
+        for p in params:  # a grammar compiled off the engine loop, before anything is admitted
+            await self.aengine.prepare(p)
         gens = []
         try:
             for i, (ids, p) in enumerate(zip(prompt_ids, params)):
@@ -130,7 +132,7 @@ class OpenAIFront:
         params = [self.prepare(ids, req.sampling_params(req.max_tokens, req.logprobs), req.max_tokens)
                   for ids in prompt_ids]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gens = self.start(rid, prompt_ids, params)
+        gens = await self.start(rid, prompt_ids, params)
         echoes = [self.echo_text(p) if req.echo else "" for p in prompts]
         render = CompletionRender(rid, self.model_name, req.n, sum(map(len, prompt_ids)), self.token_text,
                                   echoes, req.include_usage)
@@ -144,6 +146,7 @@ class OpenAIFront:
         max_tokens = req.completion_max_tokens
         params = self.prepare(prompt_ids, req.sampling_params(max_tokens, req.top_logprobs_wanted), max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        await self.aengine.prepare(params)
         gen = self.aengine.generate(rid, prompt_ids, params)
         render = ChatRender(rid, self.model_name, req.n, len(prompt_ids), self.token_text, req.include_usage)
         if not req.stream:
