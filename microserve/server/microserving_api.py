@@ -91,8 +91,13 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
                 "usage": usage(len(req.prompt), completion, cached_tokens=out.num_cached_tokens)}
 
     async def stream():
+        finished = set()  # a finished choice is in every later output of its request: report it once
         async for out in gen:
             for c in out.outputs:
+                if c.index in finished:
+                    continue
+                if c.finish_reason:
+                    finished.add(c.index)
                 if c.delta_token_ids or c.finish_reason:
                     yield engine_chunk(head, [Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs,
                                                     c.finish_reason)])

@@ -161,10 +161,14 @@ def _final_deltas(out: RequestOutput) -> list[Delta]:
 
 async def _deltas(gens) -> AsyncIterator[tuple[int, Delta]]:
     """(prompt index, what each choice added) as the engine produces it."""
+    finished = set()  # a finished choice is in every later output of its request: report it once
     async with aclosing(merge(gens)) as outputs:
         async for i, out in outputs:
             for c in out.outputs:
-                yield i, Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason)
+                if (i, c.index) not in finished:
+                    if c.finish_reason:
+                        finished.add((i, c.index))
+                    yield i, Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason)
 
 
 async def _chat_deltas(gen) -> AsyncIterator[Delta]:

@@ -165,3 +165,16 @@ def test_openai_sdk_parse(serve):
                                              response_format=City, temperature=1.0, seed=seed, max_tokens=80)
         city = done.choices[0].message.parsed
         assert isinstance(city, City) and isinstance(city.population, int)
+
+
+def test_a_streamed_n_2_reports_each_finish_once(serve):
+    url, engine = serve
+    for target, token in ((url, None), (engine, TOKEN)):
+        for path, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "Hi"})):
+            r = httpx.post(target + path, json={"model": MODEL, "n": 2, "max_tokens": 6, "stream": True,
+                                                "temperature": 1.0, "seed": 1, **body},
+                           headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            finishes = [c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+            assert sorted(finishes) == [0, 1], (target, path, finishes)
