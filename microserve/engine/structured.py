@@ -50,7 +50,7 @@ def grammar_of(spec: StructuredOutput) -> str:
             raise UserError("the JSON schema is not valid JSON") from None
         if not isinstance(schema, (dict, bool)):
             raise UserError("a JSON schema is an object")
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_OPTIONS)
     if spec.json_object:
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if spec.regex is not None:  # \d means [0-9], as in the other servers (not every Unicode digit)
@@ -58,6 +58,20 @@ def grammar_of(spec: StructuredOutput) -> str:
     if spec.choice is not None:
         return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in spec.choice))
     return LLMatcher.grammar_from_lark(spec.grammar)
+
+
+def closed(schema):
+    """The schema with `additionalProperties: false` wherever an object lists its properties
+    and says nothing of others (as OpenAI's strict mode and xgrammar's default do): open
+    objects let a small model wander into invented keys until max_tokens runs out."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class Grammar:

@@ -178,3 +178,22 @@ def test_a_streamed_n_2_reports_each_finish_once(serve):
                       if line.startswith("data: {")]
             finishes = [c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
             assert sorted(finishes) == [0, 1], (target, path, finishes)
+
+
+def test_instructor_and_langchain_as_their_users_call_them(serve):
+    import instructor
+    from langchain_openai import ChatOpenAI
+    from openai import OpenAI
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=20)
+        legs: int = Field(ge=0, le=8)
+
+    client = instructor.from_openai(OpenAI(base_url=serve[0] + "/v1", api_key="none"), mode=instructor.Mode.JSON_SCHEMA)
+    pet = client.chat.completions.create(model=MODEL, response_model=Pet, max_retries=0, temperature=1.0, seed=2,
+                                         max_tokens=150, messages=[{"role": "user", "content": "Describe a pet."}])
+    assert isinstance(pet, Pet)
+    llm = ChatOpenAI(base_url=serve[0] + "/v1", api_key="none", model=MODEL, temperature=1.0, max_tokens=150, seed=4)
+    pet = llm.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
