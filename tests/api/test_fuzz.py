@@ -71,7 +71,6 @@ MICRO = {
     "/microserving/prep_recv": prep_recvs,
     "/microserving/start_generate": start_generates,
     "/microserving/abort": st.fixed_dictionaries({"request_id": request_ids}),
-    "/microserving/prefix_match": st.fixed_dictionaries({"prompt": field(token_ids)}),
     "/microserving/remote_send": st.fixed_dictionaries({
         "request_id": request_ids, "prompt": field(token_ids), "begin": field(st.integers(0, 40)),
         "end": field(st.integers(-40, 40)), "kv_addr_info": field(st.dictionaries(
