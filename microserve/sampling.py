@@ -126,11 +126,11 @@ class Sampler:
 
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits, rows, masks: dict | None = None) -> list[SampleResult]:
+    def __call__(self, logits, rows, masks=None) -> list[SampleResult]:
         """`logits` [B, V] float32; `rows[i]` has `.params`, `.seed` (or None), `.prompt_ids`, `.output_ids`.
-        `masks[i]`, where given, is row i's structured-output mask: a float [V] tensor, 0 for
-        the tokens its grammar allows next and -inf for the rest, or the exception that
-        computing it raised.
+        `masks`, where given, holds the structured-output masks of some rows (`.rows`, additive
+        `.values` [k, V]: 0 where a row's grammar allows the token, -inf where not) and the
+        rows whose grammar failed (`.errors`).
 
         A row whose parameters make sampling fail gets a result with `error` set; the other
         rows of the batch are sampled as if it were not there.
@@ -143,7 +143,7 @@ class Sampler:
             # Logprobs are the model's own (before penalties and masks), as OpenAI's are.
             want = [r.params.logprobs is not None for r in rows]
             raw_logprobs = torch.log_softmax(logits[want], dim=-1) if any(want) else None
-            errors = self._constrain(logits, rows, masks or {})
+            errors = self._constrain(logits, rows, masks)
             try:
                 results = self._choose(logits, rows, raw_logprobs)
             except Exception:  # find the row at fault: each alone, so the rest still get tokens
@@ -152,29 +152,29 @@ class Sampler:
             results[i] = failed(error)
         return results
 
-    def _constrain(self, logits, rows, masks: dict) -> dict[int, Exception]:
-        """Logit bias, penalties, the grammar's mask and min_tokens, row by row, in place;
-        the errors by row."""
-        errors = {}
+    def _constrain(self, logits, rows, masks) -> dict[int, Exception]:
+        """Logit bias, penalties, the grammars' masks and min_tokens, in place; the errors by row."""
+        import torch
+
+        errors = dict(masks.errors) if masks is not None else {}
         for i, r in enumerate(rows):
-            try:
-                row = logits[i]
-                if r.params.logit_bias:
-                    ids = list(r.params.logit_bias)
-                    row[ids] += row.new_tensor([r.params.logit_bias[t] for t in ids])
-                if r.params.has_penalties:
-                    _apply_penalties(row, r)
-                mask = masks.get(i)
-                if isinstance(mask, Exception):
-                    raise mask
-                if mask is not None:
-                    row += mask
-                if len(r.output_ids) < r.params.min_tokens:
-                    _block_stops(row, list(r.stop_ids_blocked))
-            except Exception as e:
-                errors[i] = e
-                logits[i] = 0.0  # keep the batch's other rows valid
+            if i not in errors:
+                self._guarded(logits, i, errors, _bias_and_penalties, r)
+        if masks is not None and masks.rows:  # one add for the whole batch
+            logits.index_add_(0, torch.tensor(masks.rows), masks.values)
+        for i, r in enumerate(rows):
+            if i not in errors and len(r.output_ids) < r.params.min_tokens:
+                self._guarded(logits, i, errors, _block_stops, list(r.stop_ids_blocked))
+        for i in errors:
+            logits[i] = 0.0  # keep the batch's other rows valid
         return errors
+
+    @staticmethod
+    def _guarded(logits, i: int, errors: dict, fn, arg) -> None:
+        try:
+            fn(logits[i], arg)
+        except Exception as e:
+            errors[i] = e
 
     def _choose_alone(self, logits, rows, raw_logprobs, i: int) -> SampleResult:
         try:
@@ -233,6 +233,14 @@ def token_seed(seed: int, index: int) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+def _bias_and_penalties(row_logits, r) -> None:
+    if r.params.logit_bias:
+        ids = list(r.params.logit_bias)
+        row_logits[ids] += row_logits.new_tensor([r.params.logit_bias[t] for t in ids])
+    if r.params.has_penalties:
+        _apply_penalties(row_logits, r)
 
 
 def _block_stops(row_logits, stop_ids: list[int]) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from microserve.config import EngineConfig
 from microserve.engine.request import Request
-from microserve.engine.structured import allowed_tokens
+from microserve.engine.structured import grammar_masks
 from microserve.errors import UserError
 from microserve.models.deterministic import make_batch_invariant
 from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
@@ -112,8 +112,7 @@ class ModelRunner:
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         vocab = self.model_config.vocab_size
-        return self._mask_pool.submit(
-            lambda: dict(zip(constrained, allowed_tokens([reqs[i].matcher for i in constrained], vocab))))
+        return self._mask_pool.submit(grammar_masks, constrained, [reqs[i].matcher for i in constrained], vocab)
 
     def _sample(self, items, hidden, sample_rows, sample_reqs, masks: Future | None) -> list[SampleResult | None]:
         dev = self.device

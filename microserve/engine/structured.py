@@ -18,6 +18,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -123,24 +124,34 @@ def _byte_table() -> torch.Tensor:
 _BYTE_TABLE = _byte_table()
 
 
-def allowed_tokens(matchers: list[Matcher], vocab_size: int) -> list[torch.Tensor | Exception]:
-    """Each matcher's next-token mask as an additive float32 [vocab] row (0 where its grammar
-    allows the token, -inf where not), or the exception computing it raised.
+@dataclass
+class GrammarMasks:
+    """A batch's structured-output masks: `values[j]` is the additive mask of row `rows[j]`
+    (0 where its grammar allows the token, -inf where not); `errors` the rows whose matcher failed."""
+
+    rows: list[int]
+    values: torch.Tensor
+    errors: dict[int, Exception]
+
+    def allowed_ids(self, j: int) -> list[int]:
+        return (self.values[j] == 0).nonzero().flatten().tolist()
+
+
+def grammar_masks(rows: list[int], matchers: list[Matcher], vocab_size: int) -> GrammarMasks:
+    """The masks of `matchers` (those of batch rows `rows`).
 
     llguidance writes bitmasks (32 tokens per int32 word, little-endian); one gather over
     their bytes unpacks the whole batch (a shift per bit costs 20x more at batch 32)."""
     words = (vocab_size + 31) // 32
     bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
-    errors: list[Exception | None] = []
-    for i, m in enumerate(matchers):
+    errors = {}
+    for j, m in enumerate(matchers):
         try:
-            m.fill(bitmask[i])
-            errors.append(None)
+            m.fill(bitmask[j])
         except Exception as e:
-            errors.append(e)
-    masks = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), _BYTE_TABLE)
-    masks = masks.view(len(matchers), -1)[:, :vocab_size]
-    return [masks[i] if e is None else e for i, e in enumerate(errors)]
+            errors[rows[j]] = e
+    values = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), _BYTE_TABLE)
+    return GrammarMasks(rows, values.view(len(matchers), -1)[:, :vocab_size], errors)
 
 
 class GrammarCompiler:

@@ -16,7 +16,7 @@ import torch
 
 from microserve.config import EngineConfig, ModelConfig
 from microserve.engine.request import Request
-from microserve.engine.structured import allowed_tokens
+from microserve.engine.structured import grammar_masks
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel
 from microserve.tokenizer import load_tokenizer
@@ -172,11 +172,10 @@ class SimRunner:
         h = _mix((salt & _MASK64) ^ _mix(req.token_ids[-1] * 1_000_003 + pos))
         token = self.words[h % len(self.words)]
         if req.matcher is not None:  # structured output: a token its grammar allows, chosen the same way
-            (allowed,) = allowed_tokens([req.matcher], self.model_config.vocab_size)
-            if isinstance(allowed, Exception):
-                raise allowed
-            ids = (allowed == 0).nonzero().flatten().tolist()
-            token = token if allowed[token] == 0 else ids[h % len(ids)]
+            masks = grammar_masks([0], [req.matcher], self.model_config.vocab_size)
+            if masks.errors:
+                raise masks.errors[0]
+            token = token if masks.values[0, token] == 0 else masks.allowed_ids(0)[h % len(masks.allowed_ids(0))]
         if params.logprobs is None:
             return SampleResult(token)
         logprob = -math.log(len(self.words))  # every word equally likely: an honest "no model" value
