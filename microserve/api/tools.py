@@ -308,11 +308,6 @@ class _JsonScan:
             self.depth -= 1
             self.done = self.depth <= 0
 
-    @property
-    def significant(self) -> bool:
-        """The last character fed is not whitespace between tokens."""
-        return True
-
 
 def _object_end(text: str, start: int) -> int | None:
     """The end of the object starting at text[start] == "{", or None if it does not end."""
@@ -579,7 +574,7 @@ class ToolCallStream:
         b.sent += piece
         self.tool_calls[b.index].function.arguments = b.sent
         last = self._out[-1]["tool_calls"][0] if self._out and "tool_calls" in self._out[-1] else None
-        if last is not None and last["index"] == b.index:  # one delta per call per feed
+        if last is not None and last["index"] == b.index and "id" not in last:  # one fragment per feed
             last["function"]["arguments"] += piece
         else:
             self._out.append({"tool_calls": [{"index": b.index, "function": {"arguments": piece}}]})
