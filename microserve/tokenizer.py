@@ -103,9 +103,18 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True).input_ids
 
 
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """A conversation's ids through the model's chat template."""
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders `tools` itself (else api/tools.py's format)."""
+    return bool(tokenizer is not None and tokenizer.chat_template and "tools" in tokenizer.chat_template)
+
+
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[int]:
+    """A conversation's ids through the model's chat template (`tools` for a template that
+    renders them; see template_supports_tools)."""
     if tokenizer is None or not tokenizer.chat_template:
         raise UserError("this model has no chat template: use /v1/completions")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra)
     return tokenizer(text, add_special_tokens=False).input_ids

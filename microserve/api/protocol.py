@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microserve.api.tools import Tool, ToolCall, ToolChoice, ToolChoiceParam, resolve_tool_choice, tool_call_spec
 from microserve.errors import UserError
 from microserve.sampling import SamplingParams, StructuredOutput
 
@@ -202,6 +203,17 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    def as_dict(self) -> dict:
+        """The message as chat templates and the tool-call format take it."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -221,13 +233,35 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    parallel_tool_calls: bool | None = None
 
     def message_dicts(self) -> list[dict]:
         """The messages as the chat template takes them (text content only)."""
         try:
-            return [{"role": m.role, "content": m.text()} for m in self.messages]
+            return [m.as_dict() for m in self.messages]
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    @property
+    def choice(self) -> ToolChoice:
+        return resolve_tool_choice(self.tools, self.tool_choice)
+
+    @property
+    def tools_offered(self) -> list[Tool] | None:
+        """The tools the model is told of (none under tool_choice "none")."""
+        return self.tools if self.choice.mode != "none" else None
+
+    def structured(self) -> StructuredOutput | None:
+        """A forced tool call (tool_choice "required" or named) is a grammar like any other."""
+        other = super().structured()
+        choice = self.choice
+        if not choice.forced:
+            return other
+        if other is not None:
+            raise UserError("a forced tool call (tool_choice) cannot be combined with another structured output")
+        return tool_call_spec(choice.allowed(self.tools), choice, self.parallel_tool_calls is not False)
 
     @property
     def completion_max_tokens(self) -> int | None:

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from microserve.api.tools import ToolCallStream, parse_tool_calls
+
 TokenText = Callable[[int], str]  # token id -> its text, for logprobs
 
 DONE = "data: [DONE]\n\n"
@@ -137,23 +139,36 @@ class CompletionRender:
 
 
 class ChatRender:
-    """/v1/chat/completions: n choices of one conversation."""
+    """/v1/chat/completions: n choices of one conversation. With `tools`, each choice's text
+    is read for tool calls (api/tools.py): `message.tool_calls`, `finish_reason: "tool_calls"`,
+    and in a stream the tool-call deltas OpenAI sends (index, id, name, then argument pieces)."""
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, token_text: TokenText,
-                 include_usage: bool = False):
+                 include_usage: bool = False, tools: bool = False):
         self.head = {"id": request_id, "created": int(time.time()), "model": model}
         self.n = n
         self.prompt_tokens = prompt_tokens
         self.token_text = token_text
         self.include_usage = include_usage
+        self.tools = tools
 
     def body(self, finals: list[Delta]) -> dict:
-        choices = [{"index": d.index, "message": {"role": "assistant", "content": d.text, "refusal": None},
-                    "logprobs": chat_logprobs(self.token_text, d.token_ids, d.logprobs),
-                    "finish_reason": d.finish_reason} for d in finals]
+        choices = [self._choice(d) for d in finals]
         completion = sum(len(d.token_ids) for d in finals)
         return {**self.head, "object": "chat.completion", "choices": choices,
                 "usage": usage(self.prompt_tokens, completion)}
+
+    def _choice(self, d: Delta) -> dict:
+        message = {"role": "assistant", "content": d.text, "refusal": None}
+        finish = d.finish_reason
+        if self.tools:
+            content, calls = parse_tool_calls(d.text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [c.model_dump() for c in calls]
+                finish = "tool_calls" if finish == "stop" else finish
+        return {"index": d.index, "message": message,
+                "logprobs": chat_logprobs(self.token_text, d.token_ids, d.logprobs), "finish_reason": finish}
 
     async def stream(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
         """SSE chunks: the assistant role first, then content, then each choice's finish reason
@@ -162,19 +177,34 @@ class ChatRender:
             yield self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None})
         completion = 0
+        calls = {i: ToolCallStream() for i in range(self.n)} if self.tools else None
         async with aclosing(deltas):
             async for d in deltas:
                 completion += len(d.token_ids)
-                if d.text or d.token_ids:
-                    yield self._chunk({"index": d.index, "delta": {"content": d.text},
-                                       "logprobs": chat_logprobs(self.token_text, d.token_ids, d.logprobs),
-                                       "finish_reason": None})
-                if d.finish_reason and d.finish_reason != "abort":
-                    yield self._chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+                for chunk in self._delta_chunks(d, calls):
+                    yield chunk
         if self.include_usage:
             yield sse({**self.head, "object": "chat.completion.chunk", "choices": [],
                        "usage": usage(self.prompt_tokens, completion)})
         yield DONE
+
+    def _delta_chunks(self, d: Delta, calls: dict | None) -> list[str]:
+        out = []
+        lps = chat_logprobs(self.token_text, d.token_ids, d.logprobs)
+        if calls is None:
+            if d.text or d.token_ids:
+                out.append(self._chunk({"index": d.index, "delta": {"content": d.text}, "logprobs": lps,
+                                        "finish_reason": None}))
+        else:
+            stream = calls[d.index]
+            pieces = stream.feed(d.text) + (stream.finish() if d.finish_reason else [])
+            out += [self._chunk({"index": d.index, "delta": p, "logprobs": None, "finish_reason": None})
+                    for p in pieces]
+        if d.finish_reason and d.finish_reason != "abort":
+            finish = "tool_calls" if calls and calls[d.index].tool_calls and d.finish_reason == "stop" \
+                else d.finish_reason
+            out.append(self._chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": finish}))
+        return out
 
     def _chunk(self, choice: dict) -> str:
         extra = {"usage": None} if self.include_usage else {}

@@ -37,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from microserve.errors import UserError
 from microserve.sampling import StructuredOutput
+from microserve.schema import closed
+from microserve.tokenizer import chat_ids, template_supports_tools
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -94,7 +96,9 @@ class Tool(BaseModel):
     def arguments_schema(self) -> dict:
         """The schema the arguments are forced to fit, whitespace bounded."""
         params = self.function.parameters
-        schema = {"type": "object", "properties": {}, "additionalProperties": False} if params is None else params
+        schema = {"type": "object", "properties": {}, "additionalProperties": False} if params is None else closed(params)
+        if not schema.get("properties") and "additionalProperties" not in schema:
+            schema = {**schema, "properties": {}, "additionalProperties": False}  # no parameters: "{}"
         return {**schema, "type": "object", "x-guidance": JSON_OPTIONS}
 
 
@@ -630,3 +634,13 @@ def _partial_tail(text: str, start: int) -> int:
         if text.endswith(CALL_OPEN[:k]):
             return k
     return 0
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[Tool] | None,
+                    add_generation_prompt: bool = True) -> list[int]:
+    """A conversation's ids: tools go to a template that knows them, and are otherwise
+    written into the messages in this module's tool-call format."""
+    native = template_supports_tools(tokenizer)
+    rendered = render_messages(messages, tools, native)
+    schemas = [t.model_dump(exclude_none=True) for t in tools] if tools and native else None
+    return chat_ids(tokenizer, rendered, add_generation_prompt, schemas)

@@ -24,6 +24,7 @@ import torch
 
 from microserve.errors import UserError
 from microserve.sampling import StructuredOutput
+from microserve.schema import closed
 
 COMPILE_TIMEOUT_S = 0.5
 CACHE_SIZE = 256
@@ -59,20 +60,6 @@ def grammar_of(spec: StructuredOutput) -> str:
     if spec.choice is not None:
         return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in spec.choice))
     return LLMatcher.grammar_from_lark(spec.grammar)
-
-
-def closed(schema):
-    """The schema with `additionalProperties: false` wherever an object lists its properties
-    and says nothing of others (as OpenAI's strict mode and xgrammar's default do): open
-    objects let a small model wander into invented keys until max_tokens runs out."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
-        out["additionalProperties"] = False
-    return out
 
 
 class Grammar:

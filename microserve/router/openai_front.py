@@ -16,7 +16,8 @@ from microserve.api.render import ChatRender, CompletionRender, Delta, accumulat
 from microserve.api.streams import merge
 from microserve.errors import UserError
 from microserve.router.router import Routed, Router
-from microserve.tokenizer import chat_ids, encode, token_text
+from microserve.api.tools import chat_prompt_ids
+from microserve.tokenizer import encode, token_text
 
 
 async def deltas(routed: Routed) -> AsyncIterator[Delta]:
@@ -69,10 +70,11 @@ class RouterFront:
     async def chat(self, req: ChatCompletionRequest):
         check_model(req.model, self.model_name)
         messages = req.message_dicts()
-        ids = await asyncio.to_thread(chat_ids, self.tokenizer, messages, req.add_generation_prompt)
+        ids = await asyncio.to_thread(chat_prompt_ids, self.tokenizer, messages, req.tools_offered,
+                                      req.add_generation_prompt)
         routed = await self.router.route(ids, req.forwarded(req.completion_max_tokens, req.top_logprobs_wanted))
         render = ChatRender(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, req.n, len(ids), self.token_text,
-                            req.include_usage)
+                            req.include_usage, tools=bool(req.tools_offered))
         if not req.stream:
             return render.body(await accumulate(deltas(routed)))
         return StreamingResponse(sse_errors(render.stream(deltas(routed))), media_type="text/event-stream")

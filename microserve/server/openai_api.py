@@ -22,7 +22,8 @@ from microserve.server.async_engine import AsyncEngine, QueueFull
 from microserve.server.fail_fast import exit_on_fatal
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import add_microserving_routes
-from microserve.tokenizer import chat_ids, token_text
+from microserve.api.tools import chat_prompt_ids
+from microserve.tokenizer import token_text
 
 
 def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: str = "127.0.0.1",
@@ -142,13 +143,14 @@ class OpenAIFront:
 
     async def chat(self, req: ChatCompletionRequest):
         check_model(req.model, self.model_name)
-        prompt_ids = chat_ids(self.tokenizer, req.message_dicts(), req.add_generation_prompt)
+        prompt_ids = chat_prompt_ids(self.tokenizer, req.message_dicts(), req.tools_offered, req.add_generation_prompt)
         max_tokens = req.completion_max_tokens
         params = self.prepare(prompt_ids, req.sampling_params(max_tokens, req.top_logprobs_wanted), max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         await self.aengine.prepare(params)
         gen = self.aengine.generate(rid, prompt_ids, params)
-        render = ChatRender(rid, self.model_name, req.n, len(prompt_ids), self.token_text, req.include_usage)
+        render = ChatRender(rid, self.model_name, req.n, len(prompt_ids), self.token_text, req.include_usage,
+                            tools=bool(req.tools_offered))
         if not req.stream:
             (out,) = await run_all([gen])
             return render.body(_final_deltas(out))
