@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from microserve.config import EngineConfig
 from microserve.engine.request import Request
-from microserve.engine.structured import grammar_masks
+from microserve.engine.structured import fill_bitmasks, unpack
 from microserve.errors import UserError
 from microserve.models.deterministic import make_batch_invariant
 from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
@@ -21,6 +21,8 @@ from microserve.sampling import SampleResult, Sampler
 # few extra kernel launches per layer).
 DECODE_GROUP_RATIO = 0.75
 MIN_DECODE_GROUP = 4
+# Structured-output masks of up to this many rows are filled after the forward pass, not beside it.
+SYNC_MASKS_UP_TO = 2
 
 
 class ModelRunner:
@@ -103,25 +105,32 @@ class ModelRunner:
         )
         return self._sample(items, hidden, sample_rows, sample_reqs, masks)
 
-    def _start_masks(self, reqs: list[Request]) -> Future | None:
+    def _start_masks(self, reqs: list[Request]):
         """Compute the grammar masks of the rows due to sample in a thread while the forward
-        pass runs (llguidance releases the GIL); None when no row has a grammar."""
+        pass runs (llguidance releases the GIL); a function that returns them once it has, or
+        None when no row has a grammar."""
         constrained = [i for i, req in enumerate(reqs) if req.matcher is not None]
         if not constrained:
             return None
+        vocab = self.model_config.vocab_size
+        matchers = [reqs[i].matcher for i in constrained]
+        if len(matchers) <= SYNC_MASKS_UP_TO:  # tens of microseconds: less than a thread's hand-off
+            return lambda: unpack(constrained, *fill_bitmasks(matchers, vocab), vocab)
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        vocab = self.model_config.vocab_size
-        return self._mask_pool.submit(grammar_masks, constrained, [reqs[i].matcher for i in constrained], vocab)
+        filling = self._mask_pool.submit(fill_bitmasks, matchers, vocab)
+        # Torch's part (the unpacking) waits for the forward pass: beside it, it would compete
+        # for the same cores and threads.
+        return lambda: unpack(constrained, *filling.result(), vocab)
 
-    def _sample(self, items, hidden, sample_rows, sample_reqs, masks: Future | None) -> list[SampleResult | None]:
+    def _sample(self, items, hidden, sample_rows, sample_reqs, masks) -> list[SampleResult | None]:
         dev = self.device
         results: list[SampleResult | None] = [None] * len(items)
         if sample_reqs:
             if len(sample_rows) != hidden.shape[0]:
                 hidden = hidden[torch.tensor(sample_rows, device=dev)]
             logits = self.model.compute_logits(hidden).cpu()
-            sampled = iter(self.sampler(logits, sample_reqs, masks.result() if masks is not None else None))
+            sampled = iter(self.sampler(logits, sample_reqs, masks() if masks is not None else None))
             for i, (req, n) in enumerate(items):
                 if req.num_computed_tokens + n == req.num_tokens and not req.prefill_only:
                     results[i] = next(sampled)

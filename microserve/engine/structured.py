@@ -124,21 +124,28 @@ class GrammarMasks:
         return (self.values[j] == 0).nonzero().flatten().tolist()
 
 
-def grammar_masks(rows: list[int], matchers: list[Matcher], vocab_size: int) -> GrammarMasks:
-    """The masks of `matchers` (those of batch rows `rows`).
-
-    llguidance writes bitmasks (32 tokens per int32 word, little-endian); one gather over
-    their bytes unpacks the whole batch (a shift per bit costs 20x more at batch 32)."""
-    words = (vocab_size + 31) // 32
-    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
+def fill_bitmasks(matchers: list[Matcher], vocab_size: int) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """The matchers' bitmasks (32 tokens per int32 word, little-endian), and the errors by
+    position. Only llguidance works here (no torch op): it runs beside the forward pass."""
+    bitmask = torch.zeros(len(matchers), (vocab_size + 31) // 32, dtype=torch.int32)
     errors = {}
     for j, m in enumerate(matchers):
         try:
             m.fill(bitmask[j])
         except Exception as e:
-            errors[rows[j]] = e
+            errors[j] = e
+    return bitmask, errors
+
+
+def unpack(rows: list[int], bitmask: torch.Tensor, errors: dict[int, Exception], vocab_size: int) -> GrammarMasks:
+    """Bitmasks as additive masks of batch rows `rows`: one gather over their bytes unpacks
+    the whole batch (a shift per bit costs 20x more at batch 32)."""
     values = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), _BYTE_TABLE)
-    return GrammarMasks(rows, values.view(len(matchers), -1)[:, :vocab_size], errors)
+    return GrammarMasks(rows, values.view(len(rows), -1)[:, :vocab_size], {rows[j]: e for j, e in errors.items()})
+
+
+def grammar_masks(rows: list[int], matchers: list[Matcher], vocab_size: int) -> GrammarMasks:
+    return unpack(rows, *fill_bitmasks(matchers, vocab_size), vocab_size)
 
 
 class GrammarCompiler:
