@@ -106,11 +106,31 @@ def run_to_completion(engine, prompts, params):
     """Add every prompt, step until all finish; return outputs in prompt order."""
     ids = [f"r{i}" for i in range(len(prompts))]
     plist = params if isinstance(params, list) else [params] * len(prompts)
-    for rid, prompt, p in zip(ids, prompts, plist):
+    done = run_requests(engine, {rid: (prompt, p) for rid, prompt, p in zip(ids, prompts, plist)})
+    return [done[r] for r in ids]
+
+
+def run_requests(engine, requests: dict) -> dict:
+    """requests: id -> (prompt, params), all in one batch; the finished outputs by id."""
+    for rid, (prompt, p) in requests.items():
         engine.add_request(rid, prompt, p)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
-    return [done[r] for r in ids]
+    return done
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """(router URL, one engine's URL) of `serve --engines 2` on the built-in model, shared by
+    the end-to-end tests of the OpenAI surface (cluster token: server_utils.SERVE_TOKEN)."""
+    import httpx
+
+    from server_utils import SERVE_TOKEN, start_serve, stop_serve
+
+    url, proc = start_serve("--engines", "2", env={"MICROSERVE_CLUSTER_TOKEN": SERVE_TOKEN})
+    engines = httpx.get(url + "/admin/engines", headers={"Authorization": f"Bearer {SERVE_TOKEN}"}).json()
+    yield url, engines["engines"][0]["url"]
+    stop_serve(proc)

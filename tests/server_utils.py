@@ -14,6 +14,9 @@ import httpx
 TOKEN = "secret-admin-token"  # the cluster token router tests start with
 
 
+SERVE_TOKEN = "e2e-cluster-token"  # the cluster token of the shared `serve` (tests/e2e/conftest.py)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

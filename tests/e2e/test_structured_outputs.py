@@ -11,11 +11,10 @@ import httpx
 import jsonschema
 import pytest
 
-from server_utils import start_serve, stop_serve
+from server_utils import SERVE_TOKEN as TOKEN
 
 pytestmark = pytest.mark.slow  # starts `serve` on the built-in model
 
-TOKEN = "structured-token"
 MODEL = "SmolLM2-135M-Instruct"
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -23,14 +22,6 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age", "pets"], "additionalProperties": False}
 STRATEGIES = ["round_robin", "disagg", "balanced_disagg", "context_migration", "prefix_aware"]
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
-
-
-@pytest.fixture(scope="module")
-def serve():
-    url, proc = start_serve("--engines", "2", env={"MICROSERVE_CLUSTER_TOKEN": TOKEN})
-    engine = httpx.get(url + "/admin/engines", headers={"Authorization": f"Bearer {TOKEN}"}).json()["engines"][0]
-    yield url, engine["url"]
-    stop_serve(proc)
 
 
 def chat(url: str, body: dict, token: str | None = None) -> httpx.Response:

@@ -9,11 +9,10 @@ import httpx
 import jsonschema
 import pytest
 
-from server_utils import start_serve, stop_serve
+from server_utils import SERVE_TOKEN as TOKEN
 
 pytestmark = pytest.mark.slow  # starts `serve` on the built-in model
 
-TOKEN = "tools-token"
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -22,14 +21,6 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "unit"]}}}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}  # no parameters
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def serve():
-    url, proc = start_serve("--engines", "2", env={"MICROSERVE_CLUSTER_TOKEN": TOKEN})
-    engine = httpx.get(url + "/admin/engines", headers={"Authorization": f"Bearer {TOKEN}"}).json()["engines"][0]
-    yield url, engine["url"]
-    stop_serve(proc)
 
 
 def targets(serve):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import run_requests
+
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.sampling import SamplingParams
@@ -29,15 +31,9 @@ def engine(request):
     return LLMEngine(EngineConfig(kv_cache_memory="64MiB", **PATHS[request.param]), progress=False)
 
 
-def run(engine, requests: dict[str, tuple[str, SamplingParams]]):
-    """All requests in one batch; the finished outputs by id."""
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+def run(engine, requests: dict[str, tuple]) -> dict:
+    """All requests in one batch; the finished outputs by id (and no KV left held)."""
+    done = run_requests(engine, requests)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     return done
 

@@ -12,6 +12,8 @@ import time
 import jsonschema
 import pytest
 
+from conftest import run_requests
+
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
@@ -41,14 +43,9 @@ def engine(request):
     return LLMEngine(EngineConfig(kv_cache_memory="64MiB", **sim), progress=False)
 
 
-def run(engine, requests: dict[str, tuple[str | list[int], SamplingParams]]):
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+def run(engine, requests: dict[str, tuple]) -> dict:
+    """All requests in one batch; the finished outputs by id (and no KV left held)."""
+    done = run_requests(engine, requests)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     return done
 
