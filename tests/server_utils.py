@@ -35,24 +35,48 @@ def wait_healthy(url: str, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not become healthy")
 
 
+UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit code when it cannot bind (or its start-up fails)
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
 class ServerProcess:
     """`python -m microserve.cli <args> --port N`, waited on until /health answers, stopped on exit."""
 
     def __init__(self, args: list[str], timeout: float = 120, port: int | None = None, env: dict | None = None):
         self.args = args
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MICROSERVE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.env = {**os.environ, "MICROSERVE_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.log = open(os.devnull, "w") if not os.environ.get("MICROSERVE_TEST_LOGS") else None
+        for attempt in range(3):
+            self._start(port or free_port())
+            try:
+                self._wait(timeout)
+                return
+            except PortTaken:
+                # Most likely free_port's port was handed out again before the server bound
+                # it (e.g. to the engine's own KV listener, which binds an ephemeral port):
+                # another port. A server that cannot start at all fails three times.
+                if port is not None or attempt == 2:
+                    raise
+
+    def _start(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "microserve.cli", *args, "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT if self.log else None,
+            [sys.executable, "-m", "microserve.cli", *self.args, "--port", str(port)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT if self.log else None,
             start_new_session=True,
         )
+
+    def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {args}")
+                if self.proc.returncode == UVICORN_STARTUP_FAILURE:
+                    raise PortTaken(f"server exited with {self.proc.returncode} while starting: {self.args}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.args}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -60,7 +84,7 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(f"server did not become healthy: {args}")
+        raise TimeoutError(f"server did not become healthy: {self.args}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -10,12 +10,12 @@ import torch
 from microserve.config import EngineConfig
 from microserve.engine.block_pool import BlockPool, hash_block, hash_prompt_blocks
 from microserve.engine.microserving import Conflict, Microserving
-from microserve.engine.model_runner import ModelRunner
 from microserve.engine.request import CompletionOutput, Request, RequestOutput
+from microserve.engine.runner import build_runner
 from microserve.engine.scheduler import Scheduler
 from microserve.engine.structured import GrammarCompiler
 from microserve.errors import UserError
-from microserve.models.loader import LoadedModel, load_model
+from microserve.models.loader import LoadedModel
 from microserve.sampling import SampleResult, SamplingParams
 
 log = logging.getLogger("microserve.engine")
@@ -26,15 +26,7 @@ class LLMEngine:
         self.cfg = cfg = cfg or EngineConfig()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        if cfg.simulate:  # the same engine; only the forward pass is a cost model
-            from microserve.sim.runner import SimRunner, load_simulated
-
-            self.loaded = loaded or load_simulated(cfg)
-            self.runner = SimRunner(self.loaded, cfg)
-        else:
-            self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, progress=progress,
-                                                 quantization=cfg.quantization)
-            self.runner = ModelRunner(self.loaded, cfg)
+        self.loaded, self.runner = build_runner(cfg, loaded, progress)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.pool = BlockPool(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)

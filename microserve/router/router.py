@@ -108,7 +108,7 @@ class Router:
         before its first chunk are raised here (so they become HTTP errors)."""
         strategy = self.strategy
         self.metrics.requests.labels(strategy=strategy.name).inc()
-        req = strategies.Request(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
+        req = strategies.RoutedRequest(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
         start = time.monotonic()
         await self.admission.acquire()
         chunks = with_failover(strategy.fn(req, self.cluster, **strategy.params), req, self.cluster,

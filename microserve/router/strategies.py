@@ -14,19 +14,21 @@ log = logging.getLogger("microserve.router")
 
 
 @dataclass
-class Request:
+class RoutedRequest:
+    """A user request as a strategy sees it (the engine has its own `Request` per sequence)."""
+
     request_id: str
     prompt: list[int]  # token ids: the router tokenizes once for every engine
     sampling: dict = field(default_factory=dict)  # OpenAI-style fields for start_generate
 
 
-async def generate_on(engine: Engine, req: Request) -> AsyncIterator[dict]:
+async def generate_on(engine: Engine, req: RoutedRequest) -> AsyncIterator[dict]:
     """Data parallel: the whole request on one engine."""
     async for chunk in engine.start_generate(req.request_id, req.prompt, 0, req.sampling):
         yield chunk
 
 
-async def split(req: Request, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[dict]:
+async def split(req: RoutedRequest, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[dict]:
     """Positions [0, end) prefilled on `prefill` and moved to `decode`, which does the rest.
     If the transfer breaks (the prefill engine dies, the link fails), `decode` prefills itself."""
     recv = await decode.prep_recv(req.request_id, req.prompt, end)
@@ -46,17 +48,17 @@ async def split(req: Request, prefill: Engine, decode: Engine, end: int) -> Asyn
         yield chunk
 
 
-async def round_robin(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+async def round_robin(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
     async for chunk in generate_on(cluster.next_round_robin(), req):
         yield chunk
 
 
-async def least_loaded(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+async def least_loaded(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
     async for chunk in generate_on(cluster.least_loaded(cluster.healthy), req):
         yield chunk
 
 
-async def prefix_aware(req: Request, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[dict]:
+async def prefix_aware(req: RoutedRequest, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[dict]:
     """The engine holding the longest prefix, where each queued request costs `tokens_per_queued`."""
     cached = cluster.cached_tokens(req.prompt)
     best = max(cluster.healthy, key=lambda e: cached[e] - tokens_per_queued * e.load)
@@ -64,13 +66,13 @@ async def prefix_aware(req: Request, cluster: Cluster, tokens_per_queued: int = 
         yield chunk
 
 
-async def disagg(req: Request, cluster: Cluster) -> AsyncIterator[dict]:
+async def disagg(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
     """Prefill on the least loaded prefill engine, decode on the least loaded decode engine."""
     async for chunk in balanced_disagg(req, cluster, fraction=0.0):
         yield chunk
 
 
-async def balanced_disagg(req: Request, cluster: Cluster, fraction: float = 0.1) -> AsyncIterator[dict]:
+async def balanced_disagg(req: RoutedRequest, cluster: Cluster, fraction: float = 0.1) -> AsyncIterator[dict]:
     """Like disagg, but the decode engine prefills the last `fraction` of the prompt itself."""
     decode = cluster.least_loaded(cluster.with_role("decode"))
     prefills = [e for e in cluster.with_role("prefill") if e is not decode]
@@ -83,7 +85,7 @@ async def balanced_disagg(req: Request, cluster: Cluster, fraction: float = 0.1)
         yield chunk
 
 
-async def context_migration(req: Request, cluster: Cluster, min_tokens: int = 32) -> AsyncIterator[dict]:
+async def context_migration(req: RoutedRequest, cluster: Cluster, min_tokens: int = 32) -> AsyncIterator[dict]:
     """Decode on the least loaded decode engine; if another engine holds more of the prompt's
     prefix, it sends that KV over instead of the target recomputing it."""
     target = cluster.least_loaded(cluster.with_role("decode"))
@@ -98,7 +100,7 @@ async def context_migration(req: Request, cluster: Cluster, min_tokens: int = 32
         yield chunk
 
 
-async def adaptive(req: Request, cluster: Cluster, long_prompt: int = 256, busy: int = 4) -> AsyncIterator[dict]:
+async def adaptive(req: RoutedRequest, cluster: Cluster, long_prompt: int = 256, busy: int = 4) -> AsyncIterator[dict]:
     """Short prompts, or an idle cluster: data parallel on the least loaded engine. A long
     prompt while engines are busy: disaggregate, moving more of the prefill to the decode
     engine (fraction up to 0.5) as the decode side's queue shrinks relative to the prefill side's."""
@@ -132,7 +134,7 @@ async def _counted(engine: Engine, chunks: AsyncIterator[dict]) -> AsyncIterator
             engine.prefilling -= 1
 
 
-async def elastic_disagg(req: Request, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[dict]:
+async def elastic_disagg(req: RoutedRequest, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[dict]:
     """Data parallel while the engines are nearly idle (fewer than `idle_load` requests on the
     pair); under load, prefill on P and decode on D, except when the decode engine can take the
     whole request at a lower cost in waiting: a prompt prefilled on D stalls each of D's
@@ -181,4 +183,4 @@ def load_strategy_file(path: str):
         return load_strategy_source(f.read(), name=path)
 
 
-__all__ = ["BUILTIN", "Request", "generate_on", "split", "load_strategy_source", "load_strategy_file"]
+__all__ = ["BUILTIN", "RoutedRequest", "generate_on", "split", "load_strategy_source", "load_strategy_file"]

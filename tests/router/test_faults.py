@@ -152,7 +152,7 @@ def test_broken_kv_transfer_falls_back_to_local_prefill(cluster):
     """The prefill engine is unreachable: the decode engine prefills itself; same output,
     and its reservation is not left behind."""
     from microserve.router.cluster import Engine
-    from microserve.router.strategies import Request, split
+    from microserve.router.strategies import RoutedRequest, split
     from server_utils import free_port
 
     e0 = cluster["e0"]
@@ -163,7 +163,7 @@ def test_broken_kv_transfer_falls_back_to_local_prefill(cluster):
         dead, decode = Engine(f"http://127.0.0.1:{free_port()}"), Engine(e0.url)
         text = ""
         try:
-            async for chunk in split(Request("fallback-1", prompt, sampling), dead, decode, 32):
+            async for chunk in split(RoutedRequest("fallback-1", prompt, sampling), dead, decode, 32):
                 text += chunk["choices"][0]["text"]
         finally:
             await dead.close()

@@ -65,7 +65,7 @@ class FakeCluster(Cluster):
 
 
 def run(strategy, cluster, prompt_len: int = 100, **params) -> str:
-    req = strategies.Request("r-1", list(range(prompt_len)), {"max_tokens": 2})
+    req = strategies.RoutedRequest("r-1", list(range(prompt_len)), {"max_tokens": 2})
 
     async def go():
         return "".join([c["choices"][0]["text"] async for c in strategy(req, cluster, **params)])
