@@ -32,8 +32,9 @@ class StartGenerate(SamplingFields):
     request_id: str = Field(min_length=1)
     prompt: list[int] = Field(min_length=1)
     begin: int = Field(0, ge=0)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: up to the context window, as on the OpenAI routes
     logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # scores the prompt (begin 0 only)
     # Fail-over: the output tokens another engine already produced, and how many characters of
     # their text the client has; generation continues after them without repeating any.
     generated: list[int] = Field(default_factory=list)

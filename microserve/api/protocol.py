@@ -196,6 +196,11 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Echo with logprobs scores the prompt's tokens too, as OpenAI does."""
+        return self.logprobs if self.echo else None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")

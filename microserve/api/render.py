@@ -26,19 +26,23 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None  # per token: (logprob, [(token id, logprob), ...])
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # per prompt token (None first), once, with the first delta
 
     @classmethod
     def from_wire(cls, choice: dict) -> "Delta":
         """A choice of a microserving start_generate chunk."""
+        # logprobs stay lists ([logprob, [[id, logprob], ...]]): rendered as they are
         return cls(choice["index"], choice["text"], choice["token_ids"], choice.get("logprobs"),
-                   choice["finish_reason"])
+                   choice["finish_reason"], choice.get("prompt_logprobs"))
 
     def to_wire(self) -> dict:
-        lps = self.logprobs
-        return {"index": self.index, "text": self.text, "token_ids": self.token_ids,
-                "finish_reason": self.finish_reason,
-                # per token: [logprob, [[token id, logprob], ...]]; the router renders them
-                "logprobs": None if lps is None else [[lp, [list(a) for a in top]] for lp, top in lps]}
+        out = {"index": self.index, "text": self.text, "token_ids": self.token_ids,
+               "finish_reason": self.finish_reason,
+               # per token: [logprob, [[token id, logprob], ...]]; the router renders them
+               "logprobs": _lists(self.logprobs)}
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = _lists(self.prompt_logprobs)
+        return out
 
     def extend(self, more: "Delta") -> None:
         self.text += more.text
@@ -46,6 +50,11 @@ class Delta:
         if more.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(more.logprobs)
         self.finish_reason = more.finish_reason or self.finish_reason
+        self.prompt_logprobs = self.prompt_logprobs or more.prompt_logprobs
+
+
+def _lists(lps: list | None) -> list | None:
+    return None if lps is None else [None if e is None else [e[0], [list(a) for a in e[1]]] for e in lps]
 
 
 async def accumulate(deltas: AsyncIterator[Delta]) -> list[Delta]:
@@ -78,6 +87,16 @@ def completion_logprobs(token_text: TokenText, ids: list[int], lps, start_offset
             "top_logprobs": [{token_text(t): v for t, v in top} for _, top in lps], "text_offset": offsets}
 
 
+def echo_logprobs(token_text: TokenText, prompt_ids: list[int], prompt_lps: list, completion: dict | None) -> dict:
+    """Echo's logprobs: the prompt's tokens (the first has none: nothing predicts it), then the
+    completion's, whose offsets already count the echoed text."""
+    out = completion_logprobs(token_text, prompt_ids, [(None, []) if e is None else e for e in prompt_lps])
+    out["top_logprobs"][0] = None
+    for key, values in (completion or {}).items():
+        out[key] += values
+    return out
+
+
 def chat_logprobs(token_text: TokenText, ids: list[int], lps) -> dict | None:
     """The chat API's logprobs (`content` entries with bytes and top alternatives)."""
     if lps is None:
@@ -94,11 +113,12 @@ def chat_logprobs(token_text: TokenText, ids: list[int], lps) -> dict | None:
 class CompletionRender:
     """/v1/completions: several prompts (each with n choices) in one answer."""
 
-    def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, token_text: TokenText,
+    def __init__(self, request_id: str, model: str, n: int, prompt_ids: list[list[int]], token_text: TokenText,
                  echoes: list[str], include_usage: bool = False):
         self.head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
         self.n = n
-        self.prompt_tokens = prompt_tokens
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = sum(map(len, prompt_ids))
         self.token_text = token_text
         self.echoes = echoes  # per prompt: the text put before its output ("" without echo)
         self.include_usage = include_usage
@@ -110,28 +130,32 @@ class CompletionRender:
             for d in deltas:
                 echo = self.echoes[i]
                 choices.append({"index": i * self.n + d.index, "text": echo + d.text,
-                                "logprobs": completion_logprobs(self.token_text, d.token_ids, d.logprobs, len(echo)),
-                                "finish_reason": d.finish_reason})
+                                "logprobs": self._logprobs(i, d, len(echo)), "finish_reason": d.finish_reason})
                 completion += len(d.token_ids)
         return {**self.head, "choices": choices, "usage": usage(self.prompt_tokens, completion)}
 
+    def _logprobs(self, prompt: int, d: Delta, offset: int) -> dict | None:
+        lps = completion_logprobs(self.token_text, d.token_ids, d.logprobs, offset)
+        if d.prompt_logprobs is None:
+            return lps
+        return echo_logprobs(self.token_text, self.prompt_ids[prompt], d.prompt_logprobs, lps)
+
     async def stream(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[str]:
         """SSE chunks from (prompt index, delta) pairs."""
-        completion, echoed = 0, set()
+        completion, sent = 0, {}  # choice index -> characters of its text sent so far
         extra = {"usage": None} if self.include_usage else {}
         async with aclosing(deltas):  # a client that goes away ends (and aborts) the generation now
             async for i, d in deltas:
                 index = i * self.n + d.index
                 text = d.text
-                if index not in echoed:
-                    echoed.add(index)
-                    text = self.echoes[i] + text
+                if index not in sent:
+                    text, sent[index] = self.echoes[i] + text, len(self.echoes[i])
                 completion += len(d.token_ids)
                 if not text and not d.token_ids and not d.finish_reason:
                     continue
-                choice = {"index": index, "text": text,
-                          "logprobs": completion_logprobs(self.token_text, d.token_ids, d.logprobs),
+                choice = {"index": index, "text": text, "logprobs": self._logprobs(i, d, sent[index]),
                           "finish_reason": d.finish_reason}
+                sent[index] += len(d.text)
                 yield sse({**self.head, "choices": [choice], **extra})
         if self.include_usage:
             yield sse({**self.head, "choices": [], "usage": usage(self.prompt_tokens, completion)})

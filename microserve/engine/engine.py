@@ -354,6 +354,7 @@ class LLMEngine:
             outputs=outs,
             finished=finished,
             num_cached_tokens=seqs[0].num_cached_tokens,
+            prompt_logprobs=_prompt_logprobs(seqs[0]),
         )
 
     # ------------------------------------------------------------ status
@@ -365,3 +366,10 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             **self.pool.stats(),
         }
+
+
+def _prompt_logprobs(req: Request) -> list | None:
+    """The prompt's logprobs once all are scored (None for the first token, which nothing predicts)."""
+    if not req.wants_prompt_logprobs or len(req.prompt_logprobs) < req.num_prompt_tokens - 1:
+        return None
+    return [None, *req.prompt_logprobs]

@@ -7,13 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from microserve.config import EngineConfig
-from microserve.engine.request import Request
+from microserve.engine.request import Request, prompt_rows
 from microserve.engine.structured import fill_bitmasks, unpack
 from microserve.errors import UserError
 from microserve.models.deterministic import make_batch_invariant
 from microserve.models.llama import AttentionMetadata, DecodeGroup, KVCache, PrefillSeq
 from microserve.models.loader import LoadedModel
-from microserve.sampling import SampleResult, Sampler
+from microserve.sampling import SampleResult, Sampler, token_logprobs
 
 
 # Decode grouping: a group closes when the next context is shorter than this fraction of
@@ -81,6 +81,7 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         masks = self._start_masks(sample_reqs)
+        scored = prompt_rows(items)
         dev = self.device
         if not prefills and self.fuse_decode and all(req.kv_progress is None for req, _ in items) \
                 and (self.fuse_max_batch is None or len(items) <= self.fuse_max_batch):
@@ -88,6 +89,7 @@ class ModelRunner:
                 torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), torch.tensor(slots, device=dev),
                 self._block_tables([req for req, _ in decode_reqs]), torch.tensor([end for _, end in decode_reqs]),
                 self.kv)
+            self._score_prompts(scored, hidden)
             return self._sample(items, hidden, sample_rows, sample_reqs, masks)
         attn = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills, block_size=bs,
                                  deterministic=self.deterministic)
@@ -103,6 +105,7 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(inputs, device=dev), torch.tensor(positions, device=dev), attn, self.kv, layer_hook=hook
         )
+        self._score_prompts(scored, hidden)
         return self._sample(items, hidden, sample_rows, sample_reqs, masks)
 
     def _start_masks(self, reqs: list[Request]):
@@ -122,6 +125,14 @@ class ModelRunner:
         # Torch's part (the unpacking) waits for the forward pass: beside it, it would compete
         # for the same cores and threads.
         return lambda: unpack(constrained, *filling.result(), vocab)
+
+    def _score_prompts(self, scored: list[tuple[Request, int, int, int]], hidden) -> None:
+        """Append the logprobs of the prompt tokens these rows predict to each request's
+        `prompt_logprobs` (echo with logprobs)."""
+        for req, row, first, last in scored:
+            logits = self.model.compute_logits(hidden[row : row + last - first]).cpu()
+            targets = req.token_ids[first + 1 : last + 1]
+            req.prompt_logprobs += token_logprobs(logits, targets, req.params.prompt_logprobs)
 
     def _sample(self, items, hidden, sample_rows, sample_reqs, masks) -> list[SampleResult | None]:
         dev = self.device

@@ -48,6 +48,8 @@ class Request:
     prefix_offset: int = 0
     read_offset: int = 0
     logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob), ...])
+    # per prompt token from the second on, the same (params.prompt_logprobs; the first sequence only)
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -78,8 +80,27 @@ class Request:
         return ids
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are computed with it (so it takes nothing from the prefix cache)."""
+        return self.params.prompt_logprobs is not None and self.index == 0 and not self.prefill_only
+
+    @property
     def is_prefill_done(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
+
+
+def prompt_rows(items: list[tuple[Request, int]]) -> list[tuple[Request, int, int, int]]:
+    """(request, first row, first position, end position) of the rows whose logits score a
+    prompt token not yet scored: position p's logits are the model's guess at token p + 1."""
+    out, row = [], 0
+    for req, n in items:
+        start = req.num_computed_tokens
+        first = max(start, len(req.prompt_logprobs))  # a recomputed prefill is not scored twice
+        last = min(start + n, req.num_prompt_tokens - 1)
+        if req.wants_prompt_logprobs and first < last:
+            out.append((req, row + first - start, first, last))
+        row += n
+    return out
 
 
 @dataclass
@@ -102,4 +123,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt: str | None = None
+    prompt_logprobs: list | None = None  # per prompt token after the first, when asked for
     error: str | None = None  # the request failed inside the engine (for the log, never for clients)

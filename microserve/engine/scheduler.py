@@ -80,7 +80,7 @@ class Scheduler:
         return True
 
     def _admit(self, req: Request, budget: int, batch: ScheduledBatch) -> bool:
-        if self.pool.enable_prefix_caching and not req.block_ids:
+        if self.pool.enable_prefix_caching and not req.block_ids and not req.wants_prompt_logprobs:
             # Reuse cached full blocks, but always compute at least the last token (for its
             # logits) unless the request only wants KV.
             hashes = hash_prompt_blocks(req.token_ids[: req.num_tokens - (not req.prefill_only)], self.block_size)

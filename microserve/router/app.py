@@ -108,7 +108,7 @@ def _add_openai_routes(app: FastAPI, router: Router, front: RouterFront) -> None
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": front.model_name, "object": "model", "created": 0,
-                                            "owned_by": "microserve"}]}
+                                            "owned_by": "microserve", "max_model_len": router.max_model_len}]}
 
     @app.get("/health")
     async def health():

@@ -29,10 +29,10 @@ class EngineDown(Exception):
     """An engine could not be reached, or its stream broke off: it is taken out of rotation
     until a status refresh succeeds again."""
 
-    def __init__(self, engine: "Engine", reason: str, reached: bool = True):
-        self.engine = engine
+    def __init__(self, engine: "Engine | None", reason: str, reached: bool = True):
+        self.engine = engine  # None: no engine was up to try
         self.reached = reached  # False: the request never got to the engine (the connection was refused)
-        super().__init__(f"engine {engine.url} is unreachable: {reason}")
+        super().__init__(f"engine {engine.url} is unreachable: {reason}" if engine else reason)
 
 
 class Engine:

@@ -20,12 +20,18 @@ from microserve.api.tools import chat_prompt_ids
 from microserve.tokenizer import encode, token_text
 
 
-async def deltas(routed: Routed) -> AsyncIterator[Delta]:
-    """The choices' output in the engines' chunks."""
+async def deltas(routed: Routed, prompt_logprobs: list | None = None) -> AsyncIterator[Delta]:
+    """The choices' output in the engines' chunks; `prompt_logprobs`, when the prompt was
+    scored, go with each choice's first delta."""
+    started = set()
     async with aclosing(routed.chunks()) as chunks:
         async for chunk in chunks:
             for choice in chunk["choices"]:
-                yield Delta.from_wire(choice)
+                d = Delta.from_wire(choice)
+                if prompt_logprobs is not None and d.index not in started:
+                    started.add(d.index)
+                    d.prompt_logprobs = prompt_logprobs
+                yield d
 
 
 class RouterFront:
@@ -58,14 +64,19 @@ class RouterFront:
         ids_list = [await self.tokenize(p) for p in prompts]
         if not all(ids_list):
             raise UserError("the prompt is empty")
-        routed = await self.route_all(ids_list, req.forwarded(req.max_tokens, req.logprobs))
+        sampling = req.forwarded(req.max_tokens, req.logprobs)
+        scores = None
+        if req.prompt_logprobs is not None:  # checked like the rest before anything starts
+            scores = await asyncio.gather(*(self.router.score_prompt(ids, req.prompt_logprobs) for ids in ids_list))
+        routed = await self.route_all(ids_list, sampling)
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(ids)) if req.echo else ""
                   for p, ids in zip(prompts, ids_list)]
-        render = CompletionRender(f"cmpl-{uuid.uuid4().hex}", self.model_name, req.n, sum(map(len, ids_list)),
-                                  self.token_text, echoes, req.include_usage)
+        render = CompletionRender(f"cmpl-{uuid.uuid4().hex}", self.model_name, req.n, ids_list, self.token_text,
+                                  echoes, req.include_usage)
+        streams = [deltas(r, scores[i] if scores else None) for i, r in enumerate(routed)]
         if not req.stream:
-            return render.body(await asyncio.gather(*(accumulate(deltas(r)) for r in routed)))
-        return StreamingResponse(sse_errors(render.stream(merge([deltas(r) for r in routed]))), media_type="text/event-stream")
+            return render.body(await asyncio.gather(*(accumulate(d) for d in streams)))
+        return StreamingResponse(sse_errors(render.stream(merge(streams))), media_type="text/event-stream")
 
     async def chat(self, req: ChatCompletionRequest):
         check_model(req.model, self.model_name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from microserve.errors import Conflict, NotFound, UserError
 from microserve.router import strategies
-from microserve.router.cluster import Cluster, Engine
+from microserve.router.cluster import Cluster, Engine, EngineDown
 from microserve.router.failover import Admission, with_failover
 from microserve.router.fleet import Fleet
 from microserve.router.metrics import RouterMetrics
@@ -125,6 +125,21 @@ class Router:
         self.metrics.ttft.observe(time.monotonic() - start)
         return Routed(first, rest)
 
+    async def score_prompt(self, prompt_ids: list[int], top: int) -> list:
+        """The prompt tokens' logprobs (echo with logprobs), from one engine that computes the
+        whole prompt (a split request's decode engine never sees the first part's logits)."""
+        sampling = {"max_tokens": 1, "temperature": 0, "prompt_logprobs": top}
+        last: Exception | None = None
+        for engine in sorted(self.cluster.healthy, key=lambda e: e.load):
+            try:
+                async for chunk in engine.start_generate(f"score-{uuid.uuid4().hex}", prompt_ids, 0, sampling):
+                    for choice in chunk["choices"]:
+                        if choice.get("prompt_logprobs") is not None:
+                            return choice["prompt_logprobs"]
+            except EngineDown as e:
+                last = e
+        raise last or EngineDown(None, "no engine is up")
+
     async def _admitted(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
         """Hold an admission slot until the stream ends or is closed."""
         try:
@@ -155,6 +170,12 @@ class Router:
     def health(self) -> dict:
         up = sum(e.healthy for e in self.cluster.engines)
         return {"status": "ok" if up else "error", "engines_up": up, "engines": len(self.cluster.engines)}
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The context window every engine up can serve (None until one has answered its status)."""
+        lens = [e.status["max_model_len"] for e in self.cluster.healthy if e.status.get("max_model_len")]
+        return min(lens) if lens else None
 
     def describe_engines(self) -> list[dict]:
         return [e.describe() for e in self.cluster.engines + self.cluster.draining]

@@ -74,10 +74,13 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
     """Prefill [begin, len) on top of what was received or cached, then decode; chunks carry
     token ids and raw logprobs for the router to render."""
     params = req.sampling_params(req.max_tokens, req.logprobs)
+    params.prompt_logprobs = req.prompt_logprobs
     if req.max_tokens is None:
         params.max_tokens = max(1, engine.max_model_len - len(req.prompt))
     if req.generated and req.begin:
         raise UserError("`generated` (resume) cannot be combined with begin > 0")
+    if req.prompt_logprobs is not None and (req.begin or req.generated):
+        raise UserError("prompt_logprobs need the whole prompt computed here (begin 0, no resume)")
     resume = (req.generated, req.generated_text_len) if req.generated else None
     await aengine.prepare(params)
     gen = aengine.generate(req.request_id, req.prompt, params, resume)
@@ -86,12 +89,13 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
     if not req.stream:
         out = await last(gen)
         completion = sum(len(c.token_ids) for c in out.outputs)
-        choices = [Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason).to_wire() for c in out.outputs]
+        choices = [Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, out.prompt_logprobs).to_wire()
+                   for c in out.outputs]
         return {**head, "choices": choices,
                 "usage": usage(len(req.prompt), completion, cached_tokens=out.num_cached_tokens)}
 
     async def stream():
-        finished = set()  # a finished choice is in every later output of its request: report it once
+        finished, started = set(), set()  # a finished choice is in every later output: report it once
         async for out in gen:
             for c in out.outputs:
                 if c.index in finished:
@@ -99,8 +103,10 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
                 if c.finish_reason:
                     finished.add(c.index)
                 if c.delta_token_ids or c.finish_reason:
+                    scores = out.prompt_logprobs if c.index not in started else None
+                    started.add(c.index)
                     yield engine_chunk(head, [Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs,
-                                                    c.finish_reason)])
+                                                    c.finish_reason, scores)])
         yield DONE
 
     return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")

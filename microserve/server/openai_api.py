@@ -132,11 +132,12 @@ class OpenAIFront:
         prompt_ids = [self.engine.tokenize(p) for p in prompts]
         params = [self.prepare(ids, req.sampling_params(req.max_tokens, req.logprobs), req.max_tokens)
                   for ids in prompt_ids]
+        for p in params:
+            p.prompt_logprobs = req.prompt_logprobs
         rid = f"cmpl-{uuid.uuid4().hex}"
         gens = await self.start(rid, prompt_ids, params)
         echoes = [self.echo_text(p) if req.echo else "" for p in prompts]
-        render = CompletionRender(rid, self.model_name, req.n, sum(map(len, prompt_ids)), self.token_text,
-                                  echoes, req.include_usage)
+        render = CompletionRender(rid, self.model_name, req.n, prompt_ids, self.token_text, echoes, req.include_usage)
         if not req.stream:
             return render.body([_final_deltas(out) for out in await run_all(gens)])
         return StreamingResponse(sse_errors(render.stream(_deltas(gens))), media_type="text/event-stream")
@@ -158,19 +159,23 @@ class OpenAIFront:
 
 
 def _final_deltas(out: RequestOutput) -> list[Delta]:
-    return [Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason) for c in out.outputs]
+    return [Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, out.prompt_logprobs)
+            for c in out.outputs]
 
 
 async def _deltas(gens) -> AsyncIterator[tuple[int, Delta]]:
     """(prompt index, what each choice added) as the engine produces it."""
-    finished = set()  # a finished choice is in every later output of its request: report it once
+    finished, started = set(), set()  # a finished choice is in every later output of its request: report it once
     async with aclosing(merge(gens)) as outputs:
         async for i, out in outputs:
             for c in out.outputs:
                 if (i, c.index) not in finished:
                     if c.finish_reason:
                         finished.add((i, c.index))
-                    yield i, Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason)
+                    first = (i, c.index) not in started
+                    started.add((i, c.index))
+                    yield i, Delta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason,
+                                   out.prompt_logprobs if first else None)
 
 
 async def _chat_deltas(gen) -> AsyncIterator[Delta]:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from microserve.config import EngineConfig, ModelConfig
-from microserve.engine.request import Request
+from microserve.engine.request import Request, prompt_rows
 from microserve.engine.structured import grammar_masks
 from microserve.errors import UserError
 from microserve.models.loader import LoadedModel
@@ -151,6 +151,10 @@ class SimRunner:
         else:
             _sleep_until(start + seconds)
 
+        for req, _, first, last in prompt_rows(items):  # every word equally likely, as in _sample
+            k = req.params.prompt_logprobs
+            req.prompt_logprobs += [(self.uniform_logprob, [(w, self.uniform_logprob) for w in self.words[:k]])
+                                    for _ in range(first, last)]
         results: list[SampleResult | None] = []
         for req, n in items:
             due = req.num_computed_tokens + n == req.num_tokens and not req.prefill_only
@@ -178,9 +182,13 @@ class SimRunner:
             token = token if masks.values[0, token] == 0 else masks.allowed_ids(0)[h % len(masks.allowed_ids(0))]
         if params.logprobs is None:
             return SampleResult(token)
-        logprob = -math.log(len(self.words))  # every word equally likely: an honest "no model" value
+        logprob = self.uniform_logprob
         top = [(self.words[(h + k) % len(self.words)], logprob) for k in range(params.logprobs)]
         return SampleResult(token, logprob, top)
+
+    @property
+    def uniform_logprob(self) -> float:
+        return -math.log(len(self.words))  # every word equally likely: an honest "no model" value
 
 
 def _sleep_until(deadline: float) -> None:

@@ -8,7 +8,7 @@ import json
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, prompt_list
 from microserve.api.render import ChatRender, CompletionRender, Delta, accumulate, engine_chunk
 
-TEXT = {1: "a", 2: "bc", 3: "d"}.__getitem__  # token id -> text
+TEXT = {1: "a", 2: "bc", 3: "d", 5: "a", 6: "b", 9: "z"}.__getitem__  # token id -> text
 
 
 async def _aiter(items):
@@ -36,7 +36,7 @@ def test_wire_deltas_round_trip_and_accumulate():
 
 
 def test_completion_body_numbers_choices_per_prompt_and_offsets_logprobs():
-    render = CompletionRender("cmpl-1", "m", 2, 7, TEXT, echoes=["hi ", ""])
+    render = CompletionRender("cmpl-1", "m", 2, [[5, 6, 7], [8, 9, 5, 6]], TEXT, echoes=["hi ", ""])
     finals = [[Delta(0, "a", [1], [(-1.0, [])], "length"), Delta(1, "bc", [2], [(-2.0, [])], "stop")],
               [Delta(0, "d", [3], None, "stop"), Delta(1, "", [], None, "stop")]]
     body = render.body(finals)
@@ -48,12 +48,26 @@ def test_completion_body_numbers_choices_per_prompt_and_offsets_logprobs():
 
 
 def test_completion_stream_echoes_once_skips_empty_deltas_and_ends_with_usage():
-    render = CompletionRender("cmpl-1", "m", 1, 4, TEXT, echoes=["hi "], include_usage=True)
+    render = CompletionRender("cmpl-1", "m", 1, [[5, 6, 7, 8]], TEXT, echoes=["hi "], include_usage=True)
     deltas = [(0, Delta(0, "a", [1])), (0, Delta(0, "", [])), (0, Delta(0, "bc", [2], None, "stop"))]
     chunks = events(render.stream(_aiter(deltas)))
     assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["hi a", "bc"]
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_echo_logprobs_put_the_prompts_tokens_first_and_stream_offsets_count_all_text_sent():
+    render = CompletionRender("cmpl-1", "m", 1, [[5, 6]], TEXT, echoes=["ab"])
+    prompt = [None, (-0.7, [(6, -0.7), (9, -1.5)])]
+    deltas = [(0, Delta(0, "c", [1], [(-0.1, [])], prompt_logprobs=prompt)), (0, Delta(0, "de", [2], [(-0.2, [])]))]
+    first, second = [c["choices"][0] for c in events(render.stream(_aiter(deltas)))]
+    assert first["text"] == "abc"
+    assert first["logprobs"]["token_logprobs"] == [None, -0.7, -0.1]
+    assert first["logprobs"]["top_logprobs"][:2] == [None, {TEXT(6): -0.7, TEXT(9): -1.5}]
+    assert first["logprobs"]["tokens"] == [TEXT(5), TEXT(6), TEXT(1)]
+    assert first["logprobs"]["text_offset"][2] == 2 and second["logprobs"]["text_offset"] == [3]
+    body = render.body([[Delta(0, "cde", [1, 2], [(-0.1, []), (-0.2, [])], "stop", prompt)]])
+    assert body["choices"][0]["logprobs"]["token_logprobs"] == [None, -0.7, -0.1, -0.2]
 
 
 def test_chat_stream_role_first_then_content_then_finish_and_an_abort_just_ends():

@@ -170,6 +170,28 @@ def test_logprobs_match_hand_computed(tiny_llama, tiny_engine_loaded):
         assert top[0][0] == token  # greedy picks the top alternative
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prompt_logprobs_match_transformers(tiny_llama, tiny_engine_loaded, chunk):
+    """Echo's prompt logprobs: scored even when the prompt is cached, prefilled in chunks, or
+    one of n sequences."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompt = random_prompts(1, 40, 41, seed=15)[0]
+    options = {"max_num_batched_tokens": chunk} if chunk else {}
+    engine = make_engine(tiny_engine_loaded, block_size=8, **options)
+    run_to_completion(engine, [prompt], GREEDY)  # now its blocks are in the prefix cache
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2, n=2)
+    out = run_to_completion(engine, [prompt, random_prompts(1, seed=16)[0]], [params, GREEDY])[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t, (lp, top) in enumerate(out.prompt_logprobs[1:], start=1):
+        assert math.isclose(lp, float(ref[t - 1, prompt[t]]), abs_tol=1e-4)
+        assert [i for i, _ in top] == ref[t - 1].topk(2).indices.tolist()
+    assert run_to_completion(engine, [prompt], GREEDY)[0].prompt_logprobs is None
+
+
 def test_n_samples_share_prompt_blocks(tiny_engine_loaded):
     engine = make_engine(tiny_engine_loaded, block_size=8)
     prompt = random_prompts(1, 50, 51, seed=14)[0]

@@ -152,7 +152,7 @@ def test_fused_decode_step_matches_python_forward(builtin_pair):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_decode_step_on_float32_checkpoints(tmp_path, arch):
     """Dense float32 weights, attention bias (qwen2) and q/k norms (qwen3) in the C++ decode step."""
-    from tests.conftest import make_tiny_checkpoint
+    from conftest import make_tiny_checkpoint
 
     path, _ = make_tiny_checkpoint(tmp_path, arch)
     loaded = load_model(path, dtype="float32", device="cpu", progress=False)
