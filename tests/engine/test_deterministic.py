@@ -13,6 +13,7 @@ import random
 import signal
 
 import httpx
+import jsonschema
 import pytest
 
 from microserve.config import EngineConfig
@@ -151,6 +152,9 @@ def complete(server, prompt, **sampling) -> dict:
 PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 3,
            "A short story about a lighthouse keeper who finds a message in a bottle. " * 4]
 SEEDED = {"temperature": 0.8, "seed": 77, "max_tokens": 8}
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
 
 STRATEGIES = [
     {"name": "disagg"},  # 1P1D
@@ -193,27 +197,34 @@ async def _stream(url: str, prompt: str, on_chunk, **sampling) -> dict:
 
 
 def test_fail_over_resumes_with_the_same_logprobs(fleet):
-    """Last in this module: it kills an engine. Two requests stream from the two engines; one
-    engine dies part-way; the resumed sequences carry on with the reference's logprobs."""
+    """Last in this module: it kills an engine. Four requests stream from the two engines (two
+    under a JSON schema); one engine dies part-way; the resumed sequences carry on with the
+    reference's logprobs, and a constrained one's grammar resumes where it was."""
     router, victim = fleet["shm"], fleet["d_shm"]
     long = {"max_tokens": 24}
     seeded = {"max_tokens": 24, "temperature": 0.8, "seed": 5}
-    want = [asyncio.run(_stream(fleet["p"].url, PROMPTS[0], lambda: None, **long)),
-            asyncio.run(_stream(fleet["p"].url, PROMPTS[1], lambda: None, **seeded))]
+    constrained = {"max_tokens": 48, "temperature": 0.8, "seed": 9, "structured_outputs": {"json": PERSON}}
+    # Round robin in this order puts one constrained request on each engine.
+    cases = [(PROMPTS[0], long), (PROMPTS[1], seeded), ("A person, as JSON: ", constrained),
+             ("Another person, as JSON: ", {**constrained, "seed": 10})]
+    want = [asyncio.run(_stream(fleet["p"].url, prompt, lambda: None, **body)) for prompt, body in cases]
     r = httpx.post(router.url + "/admin/strategy", json={"name": "round_robin", "roles": ["both", "both"]},
                    headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200, r.text
     chunks = {"n": 0}
 
-    def on_chunk():  # kill once both streams are well under way
+    def on_chunk():  # kill once the streams are well under way
         chunks["n"] += 1
         if chunks["n"] == 12:
             os.killpg(victim.proc.pid, signal.SIGKILL)
 
-    async def both():
-        return await asyncio.gather(_stream(router.url, PROMPTS[0], on_chunk, **long),
-                                    _stream(router.url, PROMPTS[1], on_chunk, **seeded))
+    async def all_of_them():
+        return await asyncio.gather(*(_stream(router.url, prompt, on_chunk, **body) for prompt, body in cases))
 
-    got = asyncio.run(both())
+    before = router.metric("microserve_router:failovers_total")
+    got = asyncio.run(all_of_them())
     assert victim.proc.poll() is not None, "the engine was not killed part-way"
+    assert router.metric("microserve_router:failovers_total") - before == 2  # the victim's two went on elsewhere
     assert got == want
+    for resumed in got[2:]:
+        jsonschema.validate(json.loads(resumed["text"]), PERSON)
