@@ -58,8 +58,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(UserError)
-    async def _user_error(request, exc: UserError):
-        return JSONResponse(error_body(str(exc)), status_code=400)
+    async def _user_error(request, exc: UserError):  # a kind may name the parameter at fault
+        return JSONResponse(error_body(str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None)),
+                            status_code=400)
 
     @app.exception_handler(Conflict)
     async def _conflict(request, exc: Conflict):

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TypeVar
 
+from microserve.api.render import Delta
+
 T = TypeVar("T")
+
+
+@dataclass
+class ChatRun:
+    """A chat request a front has started: its id, its prompt's length, its output as it comes."""
+
+    request_id: str
+    prompt_tokens: int
+    deltas: AsyncIterator[Delta]
 
 
 async def last(stream: AsyncIterator[T]) -> T | None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from microserve.api.errors import busy_response, error_body, install_error_handlers
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from microserve.api.responses import ResponsesRequest
 from microserve.api.security import DEFAULT_MAX_BODY_BYTES, install_security
 from microserve.router.cluster import EngineDown, EngineError
 from microserve.router.failover import Busy, Poisoned
@@ -104,6 +105,10 @@ def _add_openai_routes(app: FastAPI, router: Router, front: RouterFront) -> None
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
         return await front.chat(req)
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest):
+        return await front.responses(req)
 
     @app.get("/v1/models")
     async def models():

@@ -1,4 +1,4 @@
-"""The router's OpenAI-compatible completions and chat: tokenize once, route each prompt
+"""The router's OpenAI-compatible completions, chat and responses: tokenize once, route each prompt
 through the router, render what the engines stream back (api/render.py, as engines do)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 from microserve.api.errors import check_model, sse_errors
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, prompt_list
 from microserve.api.render import ChatRender, CompletionRender, Delta, accumulate
-from microserve.api.streams import merge
+from microserve.api.responses import ResponsesAPI, ResponsesRequest
+from microserve.api.streams import ChatRun, merge
 from microserve.errors import UserError
 from microserve.router.router import Routed, Router
 from microserve.api.tools import chat_prompt_ids
@@ -40,6 +41,7 @@ class RouterFront:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.token_text = token_text(tokenizer)
+        self.responses_api = ResponsesAPI(model_name, self.token_text)  # the router process's response store
 
     async def tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):  # in a thread: a long prompt would stall every stream this loop serves
@@ -78,14 +80,22 @@ class RouterFront:
             return render.body(await asyncio.gather(*(accumulate(d) for d in streams)))
         return StreamingResponse(sse_errors(render.stream(merge(streams))), media_type="text/event-stream")
 
-    async def chat(self, req: ChatCompletionRequest):
+    async def start_chat(self, req: ChatCompletionRequest) -> ChatRun:
+        """Route a chat request; chat and responses render what it yields."""
         check_model(req.model, self.model_name)
         messages = req.message_dicts()
         ids = await asyncio.to_thread(chat_prompt_ids, self.tokenizer, messages, req.tools_offered,
                                       req.add_generation_prompt)
         routed = await self.router.route(ids, req.forwarded(req.completion_max_tokens, req.top_logprobs_wanted))
-        render = ChatRender(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, req.n, len(ids), self.token_text,
+        return ChatRun(f"chatcmpl-{uuid.uuid4().hex}", len(ids), deltas(routed))
+
+    async def chat(self, req: ChatCompletionRequest):
+        run = await self.start_chat(req)
+        render = ChatRender(run.request_id, self.model_name, req.n, run.prompt_tokens, self.token_text,
                             req.include_usage, tools=bool(req.tools_offered))
         if not req.stream:
-            return render.body(await accumulate(deltas(routed)))
-        return StreamingResponse(sse_errors(render.stream(deltas(routed))), media_type="text/event-stream")
+            return render.body(await accumulate(run.deltas))
+        return StreamingResponse(sse_errors(render.stream(run.deltas)), media_type="text/event-stream")
+
+    async def responses(self, req: ResponsesRequest):
+        return await self.responses_api.create(req, self.start_chat)

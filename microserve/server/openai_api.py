@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from microserve.api.errors import busy_response, check_model, error_body, install_error_handlers, sse_errors
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, prompt_list
-from microserve.api.render import ChatRender, CompletionRender, Delta
+from microserve.api.render import ChatRender, CompletionRender, Delta, accumulate
+from microserve.api.responses import ResponsesAPI, ResponsesRequest
 from microserve.api.security import DEFAULT_MAX_BODY_BYTES, install_security
-from microserve.api.streams import merge, run_all
+from microserve.api.streams import ChatRun, merge, run_all
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
 from microserve.engine.sub_requests import TransferFailed
@@ -90,9 +91,13 @@ def _add_routes(app: FastAPI, front: "OpenAIFront", metrics: EngineMetrics) -> N
     async def chat(req: ChatCompletionRequest):
         return await front.chat(req)
 
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest):
+        return await front.responses(req)
+
 
 class OpenAIFront:
-    """Completions and chat on this engine: tokenize, admit, and render the outputs."""
+    """Completions, chat and responses on this engine: tokenize, admit, and render the outputs."""
 
     def __init__(self, engine: LLMEngine, aengine: AsyncEngine, model_name: str):
         self.engine = engine
@@ -100,6 +105,7 @@ class OpenAIFront:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.token_text = token_text(engine.tokenizer)
+        self.responses_api = ResponsesAPI(model_name, self.token_text)  # this process's response store
 
     def prepare(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None) -> SamplingParams:
         if max_tokens is None:  # up to the context window
@@ -142,7 +148,8 @@ class OpenAIFront:
             return render.body([_final_deltas(out) for out in await run_all(gens)])
         return StreamingResponse(sse_errors(render.stream(_deltas(gens))), media_type="text/event-stream")
 
-    async def chat(self, req: ChatCompletionRequest):
+    async def start_chat(self, req: ChatCompletionRequest) -> ChatRun:
+        """Admit a chat request; chat and responses render what it yields."""
         check_model(req.model, self.model_name)
         prompt_ids = chat_prompt_ids(self.tokenizer, req.message_dicts(), req.tools_offered, req.add_generation_prompt)
         max_tokens = req.completion_max_tokens
@@ -150,12 +157,18 @@ class OpenAIFront:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         await self.aengine.prepare(params)
         gen = self.aengine.generate(rid, prompt_ids, params)
-        render = ChatRender(rid, self.model_name, req.n, len(prompt_ids), self.token_text, req.include_usage,
-                            tools=bool(req.tools_offered))
+        return ChatRun(rid, len(prompt_ids), _chat_deltas(gen))
+
+    async def chat(self, req: ChatCompletionRequest):
+        run = await self.start_chat(req)
+        render = ChatRender(run.request_id, self.model_name, req.n, run.prompt_tokens, self.token_text,
+                            req.include_usage, tools=bool(req.tools_offered))
         if not req.stream:
-            (out,) = await run_all([gen])
-            return render.body(_final_deltas(out))
-        return StreamingResponse(sse_errors(render.stream(_chat_deltas(gen))), media_type="text/event-stream")
+            return render.body(await accumulate(run.deltas))
+        return StreamingResponse(sse_errors(render.stream(run.deltas)), media_type="text/event-stream")
+
+    async def responses(self, req: ResponsesRequest):
+        return await self.responses_api.create(req, self.start_chat)
 
 
 def _final_deltas(out: RequestOutput) -> list[Delta]:
