@@ -135,10 +135,10 @@ class LLMEngine:
         for t in generated:
             req.token_ids.append(t)
             self._detokenize(req, skip_last=False)
-        req.emitted_token_len = len(generated)
-        req.emitted_text_len = min(text_len, len(req.text))
+        req.out.sent_tokens = len(generated)
+        req.out.sent_text = min(text_len, len(req.out.text))
         if req.params.logprobs is not None:  # placeholders: only later tokens' logprobs are sent
-            req.logprobs = [None] * len(generated)
+            req.out.logprobs = [None] * len(generated)
 
     def add_prefill_only(self, request_id: str, prompt_ids: list[int], on_done, progress=None) -> None:
         """Compute KV for `prompt_ids` (reusing the prefix cache) and hold its blocks.
@@ -255,7 +255,7 @@ class LLMEngine:
             req.matcher.accept(token)
         req.token_ids.append(token)
         if req.params.logprobs is not None:
-            req.logprobs.append((result.logprob, result.top_logprobs))
+            req.out.logprobs.append((result.logprob, result.top_logprobs))
         params = req.params
         stop_token = (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids)
         self._detokenize(req, skip_last=stop_token)
@@ -264,7 +264,7 @@ class LLMEngine:
             reason = "stop"
         elif req.matcher is not None and req.matcher.done:  # the document is complete
             reason = "stop"
-        elif params.stop and self._find_stop_string(req):
+        elif params.stop and req.out.cut_at_stop(params.stop, params.include_stop_str_in_output):
             reason = "stop"
         elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) or (
             req.num_tokens >= self.max_model_len
@@ -276,40 +276,9 @@ class LLMEngine:
     # ------------------------------------------------------------ text
 
     def _detokenize(self, req: Request, skip_last: bool) -> None:
-        """Incremental detokenization: decode a short window so multi-byte characters come out whole."""
-        if self.tokenizer is None:
-            return
-        ids = req.token_ids[req.num_prompt_tokens :]
-        if skip_last:
-            ids = ids[:-1]
-        skip = req.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[req.prefix_offset :], skip_special_tokens=skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            req.text += full[len(prefix) :]
-            req.prefix_offset = req.read_offset
-            req.read_offset = len(ids)
-
-    def _find_stop_string(self, req: Request) -> bool:
-        longest = max(len(s) for s in req.params.stop)
-        search_from = max(0, req.emitted_text_len - longest)
-        best = None
-        for s in req.params.stop:
-            i = req.text.find(s, search_from)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return False
-        i, s = best
-        req.text = req.text[: i + len(s)] if req.params.include_stop_str_in_output else req.text[:i]
-        return True
-
-    def _visible_text_len(self, req: Request) -> int:
-        """Hold back a tail that might still grow into a stop string, so none is emitted partially."""
-        if req.finished or not req.params.stop:
-            return len(req.text)
-        hold = max(len(s) for s in req.params.stop) - 1
-        return max(req.emitted_text_len, len(req.text) - hold)
+        if self.tokenizer is not None:
+            ids = req.output_ids[:-1] if skip_last else req.output_ids
+            req.out.detokenize(self.tokenizer, ids, req.params.skip_special_tokens)
 
     def _output_or_failure(self, group_id: str) -> RequestOutput | None:
         """The group's output; for a failed group, a final output carrying the error."""
@@ -328,19 +297,18 @@ class LLMEngine:
         seqs = self.groups[group_id]
         outs = []
         for s in seqs:
-            visible = self._visible_text_len(s)
-            delta_text = s.text[s.emitted_text_len : visible]
-            s.emitted_text_len = visible
+            text, delta_text = s.out.take_delta(s.finished, s.params.stop)
             out_ids = s.output_ids
-            delta_ids = out_ids[s.emitted_token_len :]
-            delta_lp = s.logprobs[s.emitted_token_len :] if s.params.logprobs is not None else None
-            s.emitted_token_len = len(out_ids)
+            delta_ids = out_ids[s.out.sent_tokens :]
+            with_logprobs = s.params.logprobs is not None
+            delta_lp = s.out.logprobs[s.out.sent_tokens :] if with_logprobs else None
+            s.out.sent_tokens = len(out_ids)
             outs.append(CompletionOutput(
                 index=s.index,
-                text=s.text[:visible],
+                text=text,
                 token_ids=out_ids,
                 finish_reason=s.finish_reason,
-                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+                logprobs=list(s.out.logprobs) if with_logprobs else None,
                 delta_text=delta_text,
                 delta_token_ids=delta_ids,
                 delta_logprobs=delta_lp,
@@ -370,6 +338,6 @@ class LLMEngine:
 
 def _prompt_logprobs(req: Request) -> list | None:
     """The prompt's logprobs once all are scored (None for the first token, which nothing predicts)."""
-    if not req.wants_prompt_logprobs or len(req.prompt_logprobs) < req.num_prompt_tokens - 1:
+    if not req.wants_prompt_logprobs or len(req.out.prompt_logprobs) < req.num_prompt_tokens - 1:
         return None
-    return [None, *req.prompt_logprobs]
+    return [None, *req.out.prompt_logprobs]

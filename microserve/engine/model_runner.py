@@ -132,7 +132,7 @@ class ModelRunner:
         for req, row, first, last in scored:
             logits = self.model.compute_logits(hidden[row : row + last - first]).cpu()
             targets = req.token_ids[first + 1 : last + 1]
-            req.prompt_logprobs += token_logprobs(logits, targets, req.params.prompt_logprobs)
+            req.out.prompt_logprobs += token_logprobs(logits, targets, req.params.prompt_logprobs)
 
     def _sample(self, items, hidden, sample_rows, sample_reqs, masks) -> list[SampleResult | None]:
         dev = self.device

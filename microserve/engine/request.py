@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from microserve.engine.output_text import OutputText
 from microserve.sampling import SamplingParams
 
 
@@ -41,15 +42,7 @@ class Request:
     kv_progress: object | None = None  # a LayerProgress told about each layer of the last chunk
     matcher: object | None = None  # structured output: its place in the grammar (engine/structured.py)
 
-    # detokenizer state
-    text: str = ""
-    emitted_text_len: int = 0
-    emitted_token_len: int = 0
-    prefix_offset: int = 0
-    read_offset: int = 0
-    logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob), ...])
-    # per prompt token from the second on, the same (params.prompt_logprobs; the first sequence only)
-    prompt_logprobs: list = field(default_factory=list)
+    out: OutputText = field(default_factory=OutputText)  # its text, logprobs, and what was sent
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +88,7 @@ def prompt_rows(items: list[tuple[Request, int]]) -> list[tuple[Request, int, in
     out, row = [], 0
     for req, n in items:
         start = req.num_computed_tokens
-        first = max(start, len(req.prompt_logprobs))  # a recomputed prefill is not scored twice
+        first = max(start, len(req.out.prompt_logprobs))  # a recomputed prefill is not scored twice
         last = min(start + n, req.num_prompt_tokens - 1)
         if req.wants_prompt_logprobs and first < last:
             out.append((req, row + first - start, first, last))

@@ -153,7 +153,7 @@ class SimRunner:
 
         for req, _, first, last in prompt_rows(items):  # every word equally likely, as in _sample
             k = req.params.prompt_logprobs
-            req.prompt_logprobs += [(self.uniform_logprob, [(w, self.uniform_logprob) for w in self.words[:k]])
+            req.out.prompt_logprobs += [(self.uniform_logprob, [(w, self.uniform_logprob) for w in self.words[:k]])
                                     for _ in range(first, last)]
         results: list[SampleResult | None] = []
         for req, n in items:
