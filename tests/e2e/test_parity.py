@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow  # starts `serve` on the built-in model
 MODEL = "SmolLM2-135M-Instruct"
 STRATEGIES = ["round_robin", "disagg", "balanced_disagg", "context_migration", "prefix_aware"]
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-VOLATILE = {"id", "created", "created_at", "system_fingerprint"}  # differ between any two answers
+# differ between any two answers
+VOLATILE = {"id", "created", "created_at", "system_fingerprint", "item_id", "call_id", "response_id"}
 
 PROMPT = "The three primary colours are"
 ASK = [{"role": "user", "content": "Name a fruit."}]
@@ -57,6 +58,16 @@ CHATS = {
                       "temperature": 0, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False},
     "n=2 logit_bias": {"messages": ASK, "max_tokens": 6, "temperature": 0.7, "seed": 3, "n": 2,
                        "logit_bias": {"28": -100}},
+}
+RESPONSES = {
+    "text": {"input": "Name a colour.", "max_output_tokens": 8, "temperature": 0},
+    "messages and instructions": {"input": [{"role": "user", "content": "Name a fruit."}],
+                                  "instructions": "Answer in one word.", "max_output_tokens": 8, "temperature": 0},
+    "json_schema": {"input": "A person as JSON.", "max_output_tokens": 40, "temperature": 1.0, "seed": 4,
+                    "text": {"format": {"type": "json_schema", "name": "p", "schema": PERSON}}},
+    "tool required": {"input": "Weather in Oslo?", "max_output_tokens": 60, "temperature": 0,
+                      "tools": [{"type": "function", **WEATHER["function"]}], "tool_choice": "required",
+                      "parallel_tool_calls": False},
 }
 ERRORS = {
     ("completions", "wrong model"): {"model": "other", "prompt": PROMPT},
@@ -133,6 +144,8 @@ def matrix(url: str, token: str | None = None) -> dict:
             out[("completions", name, stream)] = call(url, "completions", body, stream, token)
         for name, body in CHATS.items():
             out[("chat/completions", name, stream)] = call(url, "chat/completions", body, stream, token)
+        for name, body in RESPONSES.items():
+            out[("responses", name, stream)] = call(url, "responses", body, stream, token)
     for (route, name), body in ERRORS.items():
         out[(route, name, False)] = call(url, "chat/completions" if route == "chat" else route, body, False, token)
     return out
@@ -156,6 +169,10 @@ def test_the_reference_is_what_it_should_be(reference):
     assert len(lps["tokens"]) == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     status, body = reference[("chat/completions", "tool required", False)]
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+    status, body = reference[("responses", "tool required", False)]
+    assert status == 200 and [item["type"] for item in body["output"]] == ["function_call"]
+    status, body = reference[("responses", "json_schema", False)]
+    assert set(json.loads(body["output"][0]["content"][0]["text"])) == {"name", "age"}
     for key in (("chat/completions", "n=2 logit_bias", True), ("completions", "seeded n=2", True)):
         status, streamed = reference[key]
         for index in (0, 1):  # each choice's finish_reason once
