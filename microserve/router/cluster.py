@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from microserve.api.microserving import EngineStatus, GenerateChunk
 from microserve.engine.block_pool import hash_prompt_blocks
 
 log = logging.getLogger("microserve.router")
@@ -41,7 +42,7 @@ class Engine:
     def __init__(self, url: str, role: str = "both", token: str | None = None, index: "PrefixIndex | None" = None):
         self.url = url.rstrip("/")
         self.role = role  # "both" | "prefill" | "decode"
-        self.status: dict = {}
+        self.status = EngineStatus(healthy=False)
         self.healthy = False
         self.block_size = 16
         self.cached: set[bytes] = set()  # block hashes in the engine's prefix cache
@@ -65,12 +66,11 @@ class Engine:
 
     @property
     def load(self) -> int:
-        return max(self.inflight, self.status.get("running", 0) + self.status.get("waiting", 0))
+        return max(self.inflight, self.status.running + self.status.waiting)
 
     @property
     def kv_free(self) -> float:
-        total = self.status.get("num_blocks") or 1
-        return self.status.get("free_blocks", total) / total
+        return self.status.free_blocks / self.status.num_blocks if self.status.num_blocks else 1.0
 
     def cached_tokens(self, prompt: list[int]) -> int:
         """Leading tokens of `prompt` this engine holds, from the router's prefix index
@@ -108,8 +108,9 @@ class Engine:
         return await self._post("/microserving/remote_send", {"request_id": request_id, "prompt": prompt,
                                                               "begin": begin, "end": end, "kv_addr_info": kv_addr_info})
 
-    async def start_generate(self, request_id: str, prompt: list[int], begin: int, sampling: dict) -> AsyncIterator[dict]:
-        """Stream the engine's chunks (each with choices carrying text and token_ids)."""
+    async def start_generate(self, request_id: str, prompt: list[int], begin: int,
+                             sampling: dict) -> AsyncIterator[GenerateChunk]:
+        """Stream the engine's chunks (each choice a Delta: text, token ids, logprobs)."""
         body = {**sampling, "request_id": request_id, "prompt": prompt, "begin": begin, "stream": True}
         self.inflight += 1
         self.calls += 1
@@ -122,8 +123,8 @@ class Engine:
                     if line == "data: [DONE]":
                         return
                     if line.startswith("data: "):
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:  # the engine failed this request after its stream began
+                        chunk = GenerateChunk.parse(line[6:])
+                        if isinstance(chunk, dict):  # the engine failed this request after its stream began
                             raise EngineError(int(chunk["error"].get("code") or 500), chunk, engine=self)
                         yield chunk
             raise EngineDown(self, "the stream ended before [DONE]")
@@ -141,13 +142,13 @@ class Engine:
 
     # ------------------------------------------------------------ live state
 
-    def _apply(self, status: dict, events: list, next_event: int, hashes: list[str] | None = None) -> None:
+    def _apply(self, body: dict, events: list, next_event: int, hashes: list[str] | None = None) -> None:
         """Take in the engine's status and the prefix-cache changes since the last message."""
         self.messages += 1
-        self.status = status
-        self.block_size = status.get("fingerprint", {}).get("block_size", self.block_size)
-        if status.get("instance") != self._instance:  # a new process: its cache starts empty
-            self._instance = status.get("instance")
+        self.status = status = EngineStatus.from_wire(body)
+        self.block_size = status.block_size or self.block_size
+        if status.instance != self._instance:  # a new process: its cache starts empty
+            self._instance = status.instance
             self._set_cached(set())
             self._next_event = 0
         if hashes is not None:
@@ -163,7 +164,7 @@ class Engine:
                 if self.index is not None:
                     self.index.discard(h, self)
         self._next_event = next_event
-        self.healthy = status.get("healthy", True)
+        self.healthy = status.healthy
 
     def _set_cached(self, hashes: set[bytes]) -> None:
         if self.index is not None:
@@ -176,21 +177,21 @@ class Engine:
     def describe(self) -> dict:
         """What GET /admin/engines shows for this engine."""
         s = self.status
-        total = s.get("num_blocks") or 0
         return {"url": self.url, "role": self.role, "node": self.node, "healthy": self.healthy,
-                "draining": self.draining, "load": self.load, "running": s.get("running", 0),
-                "waiting": s.get("waiting", 0), "reservations": s.get("reservations", 0),
-                "kv_used": round(1 - s.get("free_blocks", total) / total, 4) if total else None}
+                "draining": self.draining, "load": self.load, "running": s.running, "waiting": s.waiting,
+                "reservations": s.reservations,
+                "kv_used": round(1 - s.free_blocks / s.num_blocks, 4) if s.num_blocks else None}
 
-    def idle(self, status: dict) -> bool:
+    def idle(self, status: EngineStatus) -> bool:
         """Nothing of anyone's left on the engine: no call of this router under way, nothing
         running or queued, no reservation (a prep_recv waiting for its KV and start_generate)."""
-        return self.calls == 0 and not (status.get("running") or status.get("waiting") or status.get("reservations"))
+        return self.calls == 0 and not (status.running or status.waiting or status.reservations)
 
-    async def fetch_status(self) -> dict | None:
+    async def fetch_status(self) -> EngineStatus | None:
         """The engine's status now (not the streamed one, which may be up to a tick old); None if unreachable."""
         try:
-            return (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
+            body = (await self._client.get("/microserving/status", timeout=5)).raise_for_status().json()
+            return EngineStatus.from_wire(body)
         except (httpx.HTTPError, ValueError):
             return None
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.api.microserving import GenerateChunk
 from microserve.api.streams import merge as _merge
 from microserve.router.cluster import Cluster, Engine, EngineDown, EngineError
 
@@ -79,8 +80,8 @@ def _failed_under_request(e: Exception) -> bool:
     return (isinstance(e, EngineDown) and e.reached) or (isinstance(e, EngineError) and e.status >= 500)
 
 
-async def with_failover(chunks: AsyncIterator[dict], req, cluster: Cluster, max_attempts: int = 3,
-                        wait_s: float = 30.0, on_failover=None, max_replays: int = 1) -> AsyncIterator[dict]:
+async def with_failover(chunks: AsyncIterator[GenerateChunk], req, cluster: Cluster, max_attempts: int = 3,
+                        wait_s: float = 30.0, on_failover=None, max_replays: int = 1) -> AsyncIterator[GenerateChunk]:
     """Yield `chunks`; when they fail, go on with resumed requests on healthy engines."""
     n = int(req.sampling.get("n", 1))
     seqs = [_Sequence() for _ in range(n)]
@@ -90,11 +91,11 @@ async def with_failover(chunks: AsyncIterator[dict], req, cluster: Cluster, max_
     while True:
         try:
             async for chunk in source:
-                for ch in chunk["choices"]:
-                    s = seqs[ch["index"]]
-                    s.ids += ch["token_ids"]
-                    s.text_len += len(ch["text"])
-                    s.finished = s.finished or ch["finish_reason"] is not None
+                for ch in chunk.choices:
+                    s = seqs[ch.index]
+                    s.ids += ch.token_ids
+                    s.text_len += len(ch.text)
+                    s.finished = s.finished or ch.finish_reason is not None
                 yield chunk
             return
         except Exception as e:
@@ -132,7 +133,7 @@ async def _pick(cluster: Cluster, avoid: set[Engine], wait_s: float) -> Engine |
         await asyncio.sleep(cluster.refresh_s)
 
 
-async def _resume(req, seqs: list[_Sequence], engine: Engine, attempt: int) -> AsyncIterator[dict]:
+async def _resume(req, seqs: list[_Sequence], engine: Engine, attempt: int) -> AsyncIterator[GenerateChunk]:
     if not any(s.ids or s.finished for s in seqs):  # nothing out yet: simply start over there
         async for chunk in engine.start_generate(f"{req.request_id}-r{attempt}", req.prompt, 0, req.sampling):
             yield chunk
@@ -147,6 +148,6 @@ async def _resume(req, seqs: list[_Sequence], engine: Engine, attempt: int) -> A
         streams.append(engine.start_generate(f"{req.request_id}-r{attempt}-{i}", req.prompt, 0, sampling))
         indexes.append(i)
     async for k, chunk in _merge(streams):
-        for ch in chunk["choices"]:
-            ch["index"] = indexes[k]
+        for ch in chunk.choices:
+            ch.index = indexes[k]
         yield chunk

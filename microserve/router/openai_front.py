@@ -27,8 +27,7 @@ async def deltas(routed: Routed, prompt_logprobs: list | None = None) -> AsyncIt
     started = set()
     async with aclosing(routed.chunks()) as chunks:
         async for chunk in chunks:
-            for choice in chunk["choices"]:
-                d = Delta.from_wire(choice)
+            for d in chunk.choices:
                 if prompt_logprobs is not None and d.index not in started:
                     started.add(d.index)
                     d.prompt_logprobs = prompt_logprobs

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.api.microserving import GenerateChunk
 from microserve.errors import Conflict, NotFound, UserError
 from microserve.router import strategies
 from microserve.router.cluster import Cluster, Engine, EngineDown
@@ -54,10 +55,10 @@ class Routed:
     """A request under way: its first chunk (None if it produced none) and the rest. Closing it
     aborts what is left on the engines."""
 
-    first: dict | None
-    rest: AsyncIterator[dict]
+    first: GenerateChunk | None
+    rest: AsyncIterator[GenerateChunk]
 
-    async def chunks(self) -> AsyncIterator[dict]:
+    async def chunks(self) -> AsyncIterator[GenerateChunk]:
         if self.first is not None:
             yield self.first
         async for c in self.rest:
@@ -133,14 +134,14 @@ class Router:
         for engine in sorted(self.cluster.healthy, key=lambda e: e.load):
             try:
                 async for chunk in engine.start_generate(f"score-{uuid.uuid4().hex}", prompt_ids, 0, sampling):
-                    for choice in chunk["choices"]:
-                        if choice.get("prompt_logprobs") is not None:
-                            return choice["prompt_logprobs"]
+                    for choice in chunk.choices:
+                        if choice.prompt_logprobs is not None:
+                            return choice.prompt_logprobs
             except EngineDown as e:
                 last = e
         raise last or EngineDown(None, "no engine is up")
 
-    async def _admitted(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    async def _admitted(self, chunks: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
         """Hold an admission slot until the stream ends or is closed."""
         try:
             async for c in chunks:
@@ -174,7 +175,7 @@ class Router:
     @property
     def max_model_len(self) -> int | None:
         """The context window every engine up can serve (None until one has answered its status)."""
-        lens = [e.status["max_model_len"] for e in self.cluster.healthy if e.status.get("max_model_len")]
+        lens = [e.status.max_model_len for e in self.cluster.healthy if e.status.max_model_len]
         return min(lens) if lens else None
 
     def describe_engines(self) -> list[dict]:

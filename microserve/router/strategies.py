@@ -1,5 +1,6 @@
 """Built-in strategies. A strategy is an async generator `(request, cluster, **params)` that
-yields the engine's output chunks; each one here uses only the public Cluster/Engine API."""
+yields the engine's output chunks (`GenerateChunk`s, as `Engine.start_generate` gives them);
+each one here uses only the public Cluster/Engine API."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.api.microserving import GenerateChunk
 from microserve.router.cluster import Cluster, Engine, EngineDown, EngineError
 
 log = logging.getLogger("microserve.router")
@@ -22,13 +24,13 @@ class RoutedRequest:
     sampling: dict = field(default_factory=dict)  # OpenAI-style fields for start_generate
 
 
-async def generate_on(engine: Engine, req: RoutedRequest) -> AsyncIterator[dict]:
+async def generate_on(engine: Engine, req: RoutedRequest) -> AsyncIterator[GenerateChunk]:
     """Data parallel: the whole request on one engine."""
     async for chunk in engine.start_generate(req.request_id, req.prompt, 0, req.sampling):
         yield chunk
 
 
-async def split(req: RoutedRequest, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[dict]:
+async def split(req: RoutedRequest, prefill: Engine, decode: Engine, end: int) -> AsyncIterator[GenerateChunk]:
     """Positions [0, end) prefilled on `prefill` and moved to `decode`, which does the rest.
     If the transfer breaks (the prefill engine dies, the link fails), `decode` prefills itself."""
     recv = await decode.prep_recv(req.request_id, req.prompt, end)
@@ -48,17 +50,17 @@ async def split(req: RoutedRequest, prefill: Engine, decode: Engine, end: int) -
         yield chunk
 
 
-async def round_robin(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
+async def round_robin(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[GenerateChunk]:
     async for chunk in generate_on(cluster.next_round_robin(), req):
         yield chunk
 
 
-async def least_loaded(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
+async def least_loaded(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[GenerateChunk]:
     async for chunk in generate_on(cluster.least_loaded(cluster.healthy), req):
         yield chunk
 
 
-async def prefix_aware(req: RoutedRequest, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[dict]:
+async def prefix_aware(req: RoutedRequest, cluster: Cluster, tokens_per_queued: int = 256) -> AsyncIterator[GenerateChunk]:
     """The engine holding the longest prefix, where each queued request costs `tokens_per_queued`."""
     cached = cluster.cached_tokens(req.prompt)
     best = max(cluster.healthy, key=lambda e: cached[e] - tokens_per_queued * e.load)
@@ -66,13 +68,13 @@ async def prefix_aware(req: RoutedRequest, cluster: Cluster, tokens_per_queued: 
         yield chunk
 
 
-async def disagg(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[dict]:
+async def disagg(req: RoutedRequest, cluster: Cluster) -> AsyncIterator[GenerateChunk]:
     """Prefill on the least loaded prefill engine, decode on the least loaded decode engine."""
     async for chunk in balanced_disagg(req, cluster, fraction=0.0):
         yield chunk
 
 
-async def balanced_disagg(req: RoutedRequest, cluster: Cluster, fraction: float = 0.1) -> AsyncIterator[dict]:
+async def balanced_disagg(req: RoutedRequest, cluster: Cluster, fraction: float = 0.1) -> AsyncIterator[GenerateChunk]:
     """Like disagg, but the decode engine prefills the last `fraction` of the prompt itself."""
     decode = cluster.least_loaded(cluster.with_role("decode"))
     prefills = [e for e in cluster.with_role("prefill") if e is not decode]
@@ -85,7 +87,7 @@ async def balanced_disagg(req: RoutedRequest, cluster: Cluster, fraction: float 
         yield chunk
 
 
-async def context_migration(req: RoutedRequest, cluster: Cluster, min_tokens: int = 32) -> AsyncIterator[dict]:
+async def context_migration(req: RoutedRequest, cluster: Cluster, min_tokens: int = 32) -> AsyncIterator[GenerateChunk]:
     """Decode on the least loaded decode engine; if another engine holds more of the prompt's
     prefix, it sends that KV over instead of the target recomputing it."""
     target = cluster.least_loaded(cluster.with_role("decode"))
@@ -100,7 +102,7 @@ async def context_migration(req: RoutedRequest, cluster: Cluster, min_tokens: in
         yield chunk
 
 
-async def adaptive(req: RoutedRequest, cluster: Cluster, long_prompt: int = 256, busy: int = 4) -> AsyncIterator[dict]:
+async def adaptive(req: RoutedRequest, cluster: Cluster, long_prompt: int = 256, busy: int = 4) -> AsyncIterator[GenerateChunk]:
     """Short prompts, or an idle cluster: data parallel on the least loaded engine. A long
     prompt while engines are busy: disaggregate, moving more of the prefill to the decode
     engine (fraction up to 0.5) as the decode side's queue shrinks relative to the prefill side's."""
@@ -119,7 +121,7 @@ async def adaptive(req: RoutedRequest, cluster: Cluster, long_prompt: int = 256,
         yield chunk
 
 
-async def _counted(engine: Engine, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+async def _counted(engine: Engine, chunks: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
     """`chunks`, counted in `engine.prefilling` until the first one arrives."""
     engine.prefilling += 1
     counting = True
@@ -134,7 +136,7 @@ async def _counted(engine: Engine, chunks: AsyncIterator[dict]) -> AsyncIterator
             engine.prefilling -= 1
 
 
-async def elastic_disagg(req: RoutedRequest, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[dict]:
+async def elastic_disagg(req: RoutedRequest, cluster: Cluster, idle_load: int = 2) -> AsyncIterator[GenerateChunk]:
     """Data parallel while the engines are nearly idle (fewer than `idle_load` requests on the
     pair); under load, prefill on P and decode on D, except when the decode engine can take the
     whole request at a lower cost in waiting: a prompt prefilled on D stalls each of D's

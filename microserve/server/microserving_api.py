@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from microserve.api.errors import sse_errors
-from microserve.api.microserving import Abort, PrepRecv, RemoteSend, StartGenerate
+from microserve.api.microserving import Abort, EngineStatus, PrepRecv, RemoteSend, StartGenerate
 from microserve.api.render import DONE, Delta, engine_chunk, usage
 from microserve.api.streams import last
 from microserve.engine.engine import LLMEngine
@@ -37,9 +37,9 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
     instance = uuid.uuid4().hex  # changes when the engine restarts: routers then drop what they knew
 
     def status_now() -> dict:
-        return {**engine.stats(), **engine.microserving.stats(), "fingerprint": sub.fingerprint,
-                "instance": instance, "pid": os.getpid(), "healthy": aengine.healthy,
-                "max_model_len": engine.max_model_len, "kv_transfer": sub.address_info()}
+        return EngineStatus(**engine.stats(), **engine.microserving.stats(), fingerprint=sub.fingerprint,
+                            instance=instance, pid=os.getpid(), healthy=aengine.healthy,
+                            max_model_len=engine.max_model_len, kv_transfer=sub.address_info()).to_wire()
 
     _add_kv_routes(app, sub)
     _add_generate_routes(app, engine, aengine)

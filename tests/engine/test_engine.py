@@ -164,8 +164,9 @@ def test_logprobs_match_hand_computed(tiny_llama, tiny_engine_loaded):
         row = ref[len(prompt) - 1 + step]
         token = out.token_ids[step]
         assert math.isclose(lp, float(row[token]), abs_tol=1e-4)
-        want_vals, want_ids = row.topk(3)
-        assert [t for t, _ in top] == want_ids.tolist()
+        want_vals, _ = row.topk(3)
+        # the same alternatives (near-ties may swap places between thread counts)
+        assert all(math.isclose(float(row[t]), v, abs_tol=1e-4) for t, v in top)
         assert all(math.isclose(v, w, abs_tol=1e-4) for (_, v), w in zip(top, want_vals.tolist()))
         assert top[0][0] == token  # greedy picks the top alternative
 

@@ -164,7 +164,7 @@ def test_broken_kv_transfer_falls_back_to_local_prefill(cluster):
         text = ""
         try:
             async for chunk in split(RoutedRequest("fallback-1", prompt, sampling), dead, decode, 32):
-                text += chunk["choices"][0]["text"]
+                text += chunk.choices[0].text
         finally:
             await dead.close()
             await decode.close()

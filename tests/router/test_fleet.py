@@ -64,7 +64,7 @@ def test_status_streams_follow_engines_without_polling():
             while cluster.cached_tokens(prompt)[e1] < 96 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert cluster.cached_tokens(prompt) == {e0: 0, e1: 96}
-            assert e1.status["running"] == 0
+            assert e1.status.running == 0
         finally:
             await cluster.stop()
 

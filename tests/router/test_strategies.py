@@ -7,6 +7,8 @@ import asyncio
 
 import pytest
 
+from microserve.api.microserving import GenerateChunk
+from microserve.api.render import Delta
 from microserve.router import strategies
 from microserve.router.cluster import Cluster, EngineDown, EngineError
 from microserve.router.router import Router
@@ -45,8 +47,7 @@ class FakeEngine:
         self.log.append(("start_generate", begin))
         for i, finish in enumerate([None, "length"]):
             await asyncio.sleep(0)
-            yield {"choices": [{"index": 0, "text": f"{self.name}{i} ", "token_ids": [i],
-                                "finish_reason": finish, "logprobs": None}]}
+            yield GenerateChunk([Delta(0, f"{self.name}{i} ", [i], None, finish)])
 
     async def abort(self, request_id):
         self.log.append(("abort",))
@@ -68,7 +69,7 @@ def run(strategy, cluster, prompt_len: int = 100, **params) -> str:
     req = strategies.RoutedRequest("r-1", list(range(prompt_len)), {"max_tokens": 2})
 
     async def go():
-        return "".join([c["choices"][0]["text"] async for c in strategy(req, cluster, **params)])
+        return "".join([c.choices[0].text async for c in strategy(req, cluster, **params)])
 
     return asyncio.run(go())
 
@@ -213,7 +214,7 @@ def test_a_broken_user_strategy_is_refused_with_its_error():
 
 
 async def _text(routed) -> str:
-    return "".join([c["choices"][0]["text"] async for c in routed.chunks()])
+    return "".join([c.choices[0].text async for c in routed.chunks()])
 
 
 def test_hot_swap_keeps_running_requests_on_their_strategy():
