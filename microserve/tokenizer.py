@@ -36,12 +36,20 @@ def served_model_name(model_path: str | None) -> str:
 
 
 def load_tokenizer(path: str | None = None):
-    """Only the tokenizer (and chat template) of a model: what a router needs."""
+    """Only the tokenizer (and chat template) of a model: what a router, a simulated engine
+    and the bench client need, without transformers where the model has a fast tokenizer file."""
+    from microserve.light_tokenizer import LightTokenizer
+
     p = Path(path or builtin_model_path()).expanduser()
     if not p.exists():
         raise UserError(f"model path not found: {p}")
     if p.is_file() and p.suffix == ".gguf":
-        return gguf_tokenizer(p)
+        folder = _gguf_tokenizer_folder(p)
+        if not (folder / "tokenizer.json").exists():
+            gguf_tokenizer(p)  # converts once, into that folder
+        return LightTokenizer(folder) if LightTokenizer.usable(folder) else gguf_tokenizer(p)
+    if p.is_dir() and LightTokenizer.usable(p):
+        return LightTokenizer(p)
     tokenizer = hf_tokenizer(p) if p.is_dir() else None
     if tokenizer is None:
         raise UserError(f"{p}: no tokenizer found")
@@ -73,9 +81,7 @@ def _saved_tokenizer(folder: Path):
 
 def gguf_tokenizer(path: Path):
     """transformers converts the GGUF vocabulary; the result is cached, as converting takes seconds."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "tokenizers" / key
+    cache = _gguf_tokenizer_folder(path)
     if (cache / "tokenizer.json").exists():
         try:
             return _saved_tokenizer(cache)
@@ -89,6 +95,13 @@ def gguf_tokenizer(path: Path):
     except OSError:
         pass  # a read-only home still works, only slower
     return tokenizer
+
+
+def _gguf_tokenizer_folder(path: Path) -> Path:
+    """Where a GGUF file's converted tokenizer is kept."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve")) / "tokenizers" / key
 
 
 def token_text(tokenizer):
@@ -114,7 +127,12 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
     renders them; see template_supports_tools)."""
     if tokenizer is None or not tokenizer.chat_template:
         raise UserError("this model has no chat template: use /v1/completions")
+    from jinja2.exceptions import TemplateError
+
     extra = {"tools": tools} if tools else {}
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **extra)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
+    except TemplateError as e:  # the model's template refuses these messages (say, a role it has not)
+        raise UserError(f"the model's chat template cannot render these messages: {e}") from None
     return tokenizer(text, add_special_tokens=False).input_ids

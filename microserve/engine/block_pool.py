@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict, deque
-
-import numpy as np
 
 
 def hash_block(parent: bytes | None, token_ids) -> bytes:
     """Chained hash of one full block: the same bytes in every process and on every machine."""
     h = hashlib.sha256(parent or b"\0" * 16)
-    h.update(np.asarray(token_ids, dtype="<i4").tobytes())
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))  # little-endian int32s
     return h.digest()[:16]
 
 
