@@ -31,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server root (it serves /v1/completions)")
-    p.add_argument("--workload", default="sonnet", choices=["sonnet", "shared-prefix", "chat", "trace"])
+    p.add_argument("--workload", default="sonnet", choices=["sonnet", "shared-prefix", "chat", "trace"],
+                   help="sonnet: independent prompts; shared-prefix: questions about shared documents; chat: "
+                        "multi-turn conversations; trace: replay --trace")
     p.add_argument("--trace", default=None, help="JSONL trace for --workload trace: "
-                   '{"timestamp": s, "prompt": text | "input_len": n, "output_len": m} per line')
+                   '{"timestamp": s, "prompt": text | "input_len": n, "output_len": m} per line (default: none)')
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens (documents for shared-prefix, "
                    "each user message for chat)")
     p.add_argument("--input-std", type=float, default=None, help="standard deviation (default 5%% of the mean)")
@@ -45,27 +47,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="requests per run (default 50; a trace: all)")
     p.add_argument("--rate", "--rates", dest="rates", type=float, nargs="+", default=None, metavar="R",
                    help="Poisson arrival rate(s) in requests/s (chat: conversations/s); default inf = all at once")
-    p.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="at most this many requests in flight (default: no limit)")
     p.add_argument("--strategy", "--strategies", dest="strategies", nargs="+", default=None, metavar="SPEC",
                    help="router strategies to switch to through POST /admin/strategy, e.g. "
-                        "balanced_disagg:fraction=0.2@prefill,decode")
+                        "balanced_disagg:fraction=0.2@prefill,decode (default: none, the router's current one)")
     p.add_argument("--sweep", action="store_true", help="draw the plots even for a single point")
     p.add_argument("--admin-token", default=None,
-                   help="the router's admin token (or MICROSERVE_ADMIN_TOKEN / MICROSERVE_CLUSTER_TOKEN)")
-    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' on /v1")
+                   help="the router's admin token, for --strategy (default: MICROSERVE_ADMIN_TOKEN, "
+                        "else MICROSERVE_CLUSTER_TOKEN)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' on /v1 (default: none)")
     p.add_argument("--model", default=None, help="tokenizer source: GGUF file or HF folder (default: built-in model)")
     p.add_argument("--served-model-name", default=None, help="the model field (default: first of GET /v1/models)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo-ttft-ms", type=float, default=None)
-    p.add_argument("--slo-tpot-ms", type=float, default=None)
-    p.add_argument("--slo-jct-ms", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts, lengths and arrivals")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="goodput counts requests whose TTFT is at most this (default: no TTFT bound)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="goodput counts requests whose TPOT is at most this (default: no TPOT bound)")
+    p.add_argument("--slo-jct-ms", type=float, default=None,
+                   help="goodput counts requests whose JCT is at most this (default: no JCT bound)")
     p.add_argument("--output", default="bench.json", help="results JSON; plots go next to it")
     p.add_argument("--pause", type=float, default=3.0, help="seconds of idle between runs of a sweep")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let the model stop at end-of-sequence (by default every answer is max_tokens long)")
     p.add_argument("--no-run-tag", dest="run_tag", action="store_false", help="no per-run tag line in the prompts")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on the terminal")
 
 
 def parse_value(text: str):

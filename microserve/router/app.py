@@ -18,6 +18,7 @@ from microserve.router.cluster import EngineDown, EngineError
 from microserve.router.failover import Busy, Poisoned
 from microserve.router.fleet import FleetError
 from microserve.router.openai_front import RouterFront
+from microserve.router.prometheus import prometheus_targets
 from microserve.router.router import Router
 
 
@@ -137,6 +138,11 @@ def _add_admin_routes(app: FastAPI, router: Router) -> None:
     @app.get("/admin/engines")
     async def list_engines():
         return {"engines": router.describe_engines()}
+
+    @app.get("/admin/prometheus_targets")
+    async def list_prometheus_targets():
+        """The engines as Prometheus HTTP service discovery reads them (http_sd_configs)."""
+        return prometheus_targets(router.cluster.engines + router.cluster.draining)
 
     @app.post("/admin/engines")
     async def change_engines(body: MembershipChange):

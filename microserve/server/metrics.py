@@ -1,4 +1,5 @@
-"""Prometheus metrics of one engine: load, KV use, prefix-cache hits, latencies, token counts."""
+"""Prometheus metrics of one engine: load, KV use, prefix-cache hits, latencies, token counts,
+KV pushed to peers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from microserve.api.metrics import LATENCY_BUCKETS
 from microserve.engine.engine import LLMEngine
 from microserve.engine.request import RequestOutput
+from microserve.engine.sub_requests import Sent
 
 
 class EngineMetrics:
@@ -39,7 +41,27 @@ class EngineMetrics:
         self.finished = Counter("microserve:request_success", "Requests finished", ["finished_reason"], registry=r)
         self.failed = Counter("microserve:request_failures", "Requests the engine failed alone (it went on)",
                               registry=r)
+        self._add_kv_transfer_metrics(r)
         self._last_token_time: dict[str, float] = {}
+
+    def _add_kv_transfer_metrics(self, r: CollectorRegistry) -> None:
+        """What remote_send pushes into peers' reservations (the prefill side of a disaggregated pair)."""
+        self.kv_sent_bytes = Counter("microserve:kv_transfer_sent_bytes", "KV bytes pushed to peers",
+                                     ["transport"], registry=r)
+        self.kv_sent_tokens = Counter("microserve:kv_transfer_sent_tokens", "Prompt positions whose KV was pushed",
+                                      registry=r)
+        self.kv_transfer_seconds = Histogram("microserve:kv_transfer_seconds",
+                                             "One remote_send's push, connect to the receiver's acknowledgement",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_transfer_failures = Counter("microserve:kv_transfer_failures",
+                                            "remote_sends whose transfer broke off or was refused", registry=r)
+
+    def on_sent(self, sent: Sent) -> None:
+        """Called after each remote_send the receiver acknowledged."""
+        if sent.tokens:
+            self.kv_sent_bytes.labels(transport=sent.transport).inc(sent.bytes)
+            self.kv_sent_tokens.inc(sent.tokens)
+            self.kv_transfer_seconds.observe(sent.transfer_seconds)
 
     def on_output(self, out: RequestOutput, arrival: float) -> None:
         """Called in the engine loop thread for every output it delivers."""

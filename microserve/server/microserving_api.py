@@ -23,16 +23,18 @@ from microserve.api.microserving import Abort, EngineStatus, PrepRecv, RemoteSen
 from microserve.api.render import DONE, Delta, engine_chunk, usage
 from microserve.api.streams import last
 from microserve.engine.engine import LLMEngine
-from microserve.engine.sub_requests import SubRequests
+from microserve.engine.sub_requests import SubRequests, TransferFailed
 from microserve.errors import UserError
 from microserve.kv_transfer.receiver import KVReceiver
 from microserve.server.async_engine import AsyncEngine
+from microserve.server.metrics import EngineMetrics
 
 WATCH_INTERVAL_S = 0.1  # a watch stream sends at most this often
 WATCH_HEARTBEAT_S = 5.0  # and at least this often, so a router notices a silent engine
 
 
-def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngine, host: str, transport: str) -> KVReceiver:
+def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngine, host: str, transport: str,
+                            metrics: EngineMetrics) -> KVReceiver:
     sub = SubRequests(engine, aengine.call, host, transport)
     instance = uuid.uuid4().hex  # changes when the engine restarts: routers then drop what they knew
 
@@ -41,21 +43,26 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
                             instance=instance, pid=os.getpid(), healthy=aengine.healthy,
                             max_model_len=engine.max_model_len, kv_transfer=sub.address_info()).to_wire()
 
-    _add_kv_routes(app, sub)
+    _add_kv_routes(app, sub, metrics)
     _add_generate_routes(app, engine, aengine)
     _add_index_routes(app, engine, aengine, status_now)
     return sub.receiver
 
 
-def _add_kv_routes(app: FastAPI, sub: SubRequests) -> None:
+def _add_kv_routes(app: FastAPI, sub: SubRequests, metrics: EngineMetrics) -> None:
     @app.post("/microserving/prep_recv")
     async def prep_recv(req: PrepRecv):
         return dataclasses.asdict(await sub.prep_recv(req.request_id, req.prompt, req.end, req.lease_s))
 
     @app.post("/microserving/remote_send")
     async def remote_send(req: RemoteSend):
-        return dataclasses.asdict(await sub.remote_send(req.request_id, req.prompt, req.begin, req.end,
-                                                        req.kv_addr_info))
+        try:
+            sent = await sub.remote_send(req.request_id, req.prompt, req.begin, req.end, req.kv_addr_info)
+        except TransferFailed:
+            metrics.kv_transfer_failures.inc()
+            raise
+        metrics.on_sent(sent)
+        return dataclasses.asdict(sent)
 
 
 def _add_generate_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngine) -> None:

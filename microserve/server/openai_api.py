@@ -47,7 +47,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
     app = FastAPI(title="microserve", lifespan=lifespan)
     app.state.engine = aengine
     app.state.metrics = metrics
-    receiver = add_microserving_routes(app, engine, aengine, host, kv_transport)
+    receiver = add_microserving_routes(app, engine, aengine, host, kv_transport, metrics)
     install_error_handlers(app)
     _install_engine_errors(app)
     install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes)
