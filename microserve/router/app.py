@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any, Literal
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from microserve.api.errors import busy_response, error_body, install_error_handlers
@@ -66,6 +67,7 @@ def build_router_app(router: Router, tokenizer, model_name: str, cluster_token: 
                      cluster_paths=(), admin_paths=("/admin/",))
     _add_openai_routes(app, router, RouterFront(router, tokenizer, model_name))
     _add_admin_routes(app, router)
+    _add_dashboard_routes(app, router)
     return app
 
 
@@ -156,3 +158,24 @@ def _add_admin_routes(app: FastAPI, router: Router) -> None:
     async def scale(body: ScaleChange):
         """Start or drain engines (a fleet's, e.g. Ray actors) until `role` has `engines` of them."""
         return await router.scale(body.role, body.engines)
+
+# The page holds no data and may be served to anyone; what it shows comes from /admin/live,
+# behind the cluster token, which the page sends from its `?token=`. Nothing is fetched elsewhere.
+_DASHBOARD_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                      "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                                 "style-src 'unsafe-inline'; connect-src 'self'; img-src data:"}
+
+
+def _add_dashboard_routes(app: FastAPI, router: Router) -> None:
+    html = resources.files("microserve.router").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard():
+        return HTMLResponse(html, headers=_DASHBOARD_HEADERS)
+
+    @app.get("/admin/live")
+    async def live(page: int = Query(1, ge=1), per_page: int = Query(50, ge=1, le=500),
+                   q: str = Query("", max_length=200)):
+        """The dashboard's data: one page of engines (filtered by `q`), aggregates by role,
+        request rate and latency percentiles over the last minutes, the newest events."""
+        return router.live_snapshot(page, per_page, q)

@@ -114,8 +114,8 @@ async def with_failover(chunks: AsyncIterator[GenerateChunk], req, cluster: Clus
             if target is None:
                 raise
             log.warning("request %s: %s; continuing on %s (attempt %d)", req.request_id, e, target.url, attempt)
-            if on_failover is not None:
-                on_failover()
+            if on_failover is not None:  # (request id, what failed, where it goes on)
+                on_failover(req.request_id, e, target)
             source = _resume(req, seqs, target, attempt)
 
 

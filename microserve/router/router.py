@@ -16,6 +16,7 @@ from microserve.router import strategies
 from microserve.router.cluster import Cluster, Engine, EngineDown
 from microserve.router.failover import Admission, with_failover
 from microserve.router.fleet import Fleet
+from microserve.router.live import LiveSnapshot, LiveView, RequestTimer, RouterState
 from microserve.router.metrics import RouterMetrics
 
 
@@ -86,6 +87,8 @@ class Router:
         self.admission = Admission(max_active or 256 * engines_at_start, max_queued)
         self.strategy = Strategy.resolve(strategy, None, params)
         self._following: asyncio.Task | None = None
+        self.live = LiveView(cluster)  # what the dashboard shows
+        self._tracking: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -93,11 +96,13 @@ class Router:
             await self.fleet.start(self.cluster)
         if self.follow_url:
             self._following = asyncio.create_task(self.cluster.follow(self.follow_url))
+        self._tracking = asyncio.create_task(self.live.run())
 
     async def stop(self) -> None:
-        if self._following is not None:
-            self._following.cancel()
-            await asyncio.gather(self._following, return_exceptions=True)
+        for task in (self._following, self._tracking):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.fleet is not None:
             await self.fleet.stop()
         await self.cluster.stop()
@@ -113,8 +118,8 @@ class Router:
         start = time.monotonic()
         await self.admission.acquire()
         chunks = with_failover(strategy.fn(req, self.cluster, **strategy.params), req, self.cluster,
-                               wait_s=self.failover_wait_s, on_failover=self.metrics.failovers.inc)
-        rest = self._admitted(chunks).__aiter__()
+                               wait_s=self.failover_wait_s, on_failover=self._failed_over)
+        rest = self._admitted(chunks, start).__aiter__()
         try:
             first = await rest.__anext__()
         except StopAsyncIteration:
@@ -141,13 +146,30 @@ class Router:
                 last = e
         raise last or EngineDown(None, "no engine is up")
 
-    async def _admitted(self, chunks: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
-        """Hold an admission slot until the stream ends or is closed."""
+    async def _admitted(self, chunks: AsyncIterator[GenerateChunk], start: float) -> AsyncIterator[GenerateChunk]:
+        """Hold an admission slot until the stream ends or is closed; a stream that ends is
+        timed for the live view (TTFT, TPOT, JCT from `start`)."""
+        timer = RequestTimer(start)
         try:
             async for c in chunks:
+                timer.chunk(c)
                 yield c
         finally:
             self.admission.release()
+        timing = timer.finish()
+        if timing is not None:
+            self.live.observe(timing)
+
+    def _failed_over(self, request_id: str, error: Exception, target: Engine) -> None:
+        self.metrics.failovers.inc()
+        failed = getattr(error, "engine", None)
+        self.live.failover(request_id, failed.url if failed is not None else None, target.url)
+
+    def live_snapshot(self, page: int = 1, per_page: int = 50, query: str = "") -> LiveSnapshot:
+        """What GET /admin/live (the dashboard) shows."""
+        state = RouterState(self.strategy.name, self.strategy.params, list(strategies.BUILTIN),
+                            self.admission.active, self.admission.queued)
+        return self.live.snapshot(state, page, per_page, query)
 
     # ------------------------------------------------------------ strategy
 
@@ -163,6 +185,9 @@ class Router:
                 self.cluster.set_roles(roles)
         except (ValueError, SyntaxError, TypeError) as e:
             raise UserError(f"cannot use this strategy: {e}") from None
+        if new.name != self.strategy.name or new.params != self.strategy.params:
+            self.live.event("strategy", f"strategy {self.strategy.name} -> {new.name}"
+                            + (f" {new.params}" if new.params else ""))
         self.strategy = new
         return self.describe_strategy()
 
