@@ -48,7 +48,7 @@ def cmd_engine(args) -> None:
     run_engine(EngineSpec(cfg, host=args.host, port=args.port, ports=ports, model_name=args.served_model_name,
                           max_waiting=args.max_waiting, log_level=args.log_level, kv_transport=args.kv_transport,
                           api_keys=_api_keys(args), cluster_token=_cluster_token(args),
-                          max_body_bytes=args.max_body_bytes))
+                          max_body_bytes=args.max_body_bytes, otlp_traces_endpoint=args.otlp_traces_endpoint))
 
 
 def cmd_router(args) -> None:
@@ -59,7 +59,7 @@ def cmd_router(args) -> None:
                           served_model_name=args.served_model_name, host=args.host, port=args.port,
                           max_active=args.max_active, max_queued=args.max_queued, api_keys=_api_keys(args),
                           cluster_token=_cluster_token(args), max_body_bytes=args.max_body_bytes,
-                          log_level=args.log_level))
+                          log_level=args.log_level, otlp_traces_endpoint=args.otlp_traces_endpoint))
 
 
 def cmd_serve(args) -> None:
@@ -106,6 +106,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or "default" in text.lower()):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _add_tracing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="send OpenTelemetry traces over OTLP/HTTP (protobuf) to URL, e.g. "
+                        "http://127.0.0.1:4318/v1/traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                        "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing; see docs/tracing.md)")
 
 
 def _apply_config(args, path: str) -> None:
@@ -181,6 +188,7 @@ def _add_engine(sub) -> None:
     e.add_argument("--ports", default=None, help="with --simulate: comma-separated ports, one simulated engine "
                                                  "each, all in this process (default: one engine on --port)")
     _add_security_args(e)
+    _add_tracing_args(e)
     e.set_defaults(func=cmd_engine)
 
 
@@ -203,6 +211,7 @@ def _add_router(sub) -> None:
                    help="requests running on the engines at once (default: 256 per engine); more wait here")
     r.add_argument("--max-queued", type=int, default=4096, help="requests waiting in the router before 429")
     _add_security_args(r)
+    _add_tracing_args(r)
     r.add_argument("--log-level", default="info", help=LOG_LEVEL_HELP)
     r.set_defaults(func=cmd_router)
 
@@ -252,6 +261,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--placement", action="append", default=None, metavar="ROLE:RESOURCE[=N]",
                    help="with --ray: engines of ROLE go to nodes with this Ray resource (repeatable; "
                         "default: any node)")
+    _add_tracing_args(s)
     s.add_argument("--config", default=None,
                    help="a YAML file with any of these options (flags given win; default: none)")
     s.set_defaults(func=cmd_serve)

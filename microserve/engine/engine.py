@@ -10,7 +10,7 @@ import torch
 from microserve.config import EngineConfig
 from microserve.engine.block_pool import BlockPool, hash_block, hash_prompt_blocks
 from microserve.engine.microserving import Conflict, Microserving
-from microserve.engine.request import CompletionOutput, Request, RequestOutput
+from microserve.engine.request import CompletionOutput, Request, RequestOutput, RequestTimes
 from microserve.engine.runner import build_runner
 from microserve.engine.scheduler import Scheduler
 from microserve.engine.structured import GrammarCompiler
@@ -323,6 +323,7 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=seqs[0].num_cached_tokens,
             prompt_logprobs=_prompt_logprobs(seqs[0]),
+            times=_times(seqs[0]) if finished else None,
         )
 
     # ------------------------------------------------------------ status
@@ -334,6 +335,10 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             **self.pool.stats(),
         }
+
+
+def _times(req: Request) -> RequestTimes:
+    return RequestTimes(req.arrival_time, req.scheduled_time, req.first_token_time, time.monotonic())
 
 
 def _prompt_logprobs(req: Request) -> list | None:

@@ -29,6 +29,7 @@ class Reservation:
     token_used: bool = False
     transferring: bool = False
     dropped: bool = False  # aborted or expired while a transfer was writing: free once it ends
+    received: tuple[float, float] | None = None  # when the peer's KV came in (start, end; time.monotonic)
 
 
 class Microserving:
@@ -126,6 +127,7 @@ class Microserving:
                                 f"(valid up to {r.valid_len}, reserved to {r.end})")
             r.token_used = True
             r.transferring = True
+            r.received = (time.monotonic(), 0.0)
             bs = self.engine.pool.block_size
             return [r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)]
 
@@ -137,6 +139,8 @@ class Microserving:
             r.transferring = False
             if ok and not r.dropped:
                 r.valid_len = max(r.valid_len, end)
+            started = r.received[0] if r.received else None
+            r.received = (started, time.monotonic()) if ok and started is not None else None
 
     def stats(self) -> dict:
         with self.lock:

@@ -38,6 +38,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     wait_for: "Request | None" = None  # sibling whose prompt prefill must finish first (n > 1)
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when it first got into a batch (queue time ends)
     prefill_only: bool = False  # compute the prompt's KV and hold it (for remote_send); never sample
     kv_progress: object | None = None  # a LayerProgress told about each layer of the last chunk
     matcher: object | None = None  # structured output: its place in the grammar (engine/structured.py)
@@ -109,6 +110,17 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestTimes:
+    """Where a finished request's time went (time.monotonic values; for n > 1 the first
+    sequence's): queued until `scheduled`, prefill until `first_token`, decode until `finished`."""
+
+    arrival: float
+    scheduled: float | None
+    first_token: float | None
+    finished: float
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -118,3 +130,4 @@ class RequestOutput:
     prompt: str | None = None
     prompt_logprobs: list | None = None  # per prompt token after the first, when asked for
     error: str | None = None  # the request failed inside the engine (for the log, never for clients)
+    times: RequestTimes | None = None  # on the finished output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -99,6 +100,8 @@ class Scheduler:
         if req.num_cached_tokens == 0:
             req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
         req.status = Status.RUNNING
+        if req.scheduled_time is None:
+            req.scheduled_time = time.monotonic()
         self.running.append(req)
         batch.items.append((req, n))
         return True

@@ -46,6 +46,7 @@ class Sent:
     transport: str = "none"
     reused_tokens: int = 0  # of [0, end), found in this engine's prefix cache
     computed_tokens: int = 0
+    compute_seconds: float = 0.0  # until the KV of [0, end) was complete here (the send overlaps it)
 
 
 def kv_fingerprint(engine: LLMEngine) -> dict:
@@ -107,19 +108,20 @@ class SubRequests:
         computed = loop.create_future()
 
         def on_done(r):  # engine loop thread: the KV of [0, end) is complete
-            loop.call_soon_threadsafe(lambda: computed.done() or computed.set_result(r))
+            at = time.perf_counter()
+            loop.call_soon_threadsafe(lambda: computed.done() or computed.set_result((r, at)))
 
         progress = LayerProgress(self.engine.model_config.num_layers)
         await self.run_in_loop(lambda: self.engine.add_prefill_only(local_id, prompt[:end], on_done, progress))
         try:
             addr.begin, addr.end = begin, end
             result = await self._send(progress, addr)  # sends layer i as soon as the engine has computed it
-            held = await computed
+            held, computed_at = await computed
         finally:
             await self.run_in_loop(lambda: self.engine.release_prefill(local_id))
         reused = min(held.num_cached_tokens, end)
         return Sent(result.tokens, result.bytes, time.perf_counter() - start, result.seconds, result.transport,
-                    reused, end - reused)
+                    reused, end - reused, computed_at - start)
 
     async def _send(self, progress: LayerProgress, addr: KVAddress):
         try:

@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from microserve import tracing
 from microserve.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.errors import UserError
@@ -20,15 +21,31 @@ def run_engine_server(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 80
                       model_name: str | None = None, max_waiting: int = 256, log_level: str = "info",
                       kv_transport: str = "shm", api_keys: list[str] | None = None,
                       cluster_token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                      ports: list[int] | None = None) -> None:
+                      ports: list[int] | None = None, otlp_traces_endpoint: str | None = None) -> None:
     """Serve one engine on `port`; simulated engines (cfg.simulate) may take several `ports`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(host) and not cluster_token:
         raise UserError(f"binding to {host} without --cluster-token would let anyone on the network read and "
                         "write this engine's KV cache: give a cluster token")
     raise_open_file_limit()
-    options = dict(max_waiting=max_waiting, kv_transport=kv_transport, api_keys=api_keys,
-                   cluster_token=cluster_token, max_body_bytes=max_body_bytes)
+    tracing.setup_tracing("microserve-engine", otlp_traces_endpoint, _resource(cfg, host, ports or [port]))
+    try:
+        _serve(cfg, host, port, ports, model_name, log_level, dict(
+            max_waiting=max_waiting, kv_transport=kv_transport, api_keys=api_keys, cluster_token=cluster_token,
+            max_body_bytes=max_body_bytes))
+    finally:
+        tracing.shutdown_tracing()  # what is still buffered goes out before the process ends
+
+
+def _resource(cfg: EngineConfig, host: str, ports: list[int]) -> dict[str, object]:
+    """What tells this engine's spans from other engines' (one service name for all)."""
+    return {"service.instance.id": f"{host}:{ports[0]}", "microserve.engine.ports": ports,
+            "microserve.engine.model": cfg.simulate or cfg.model or "built-in",
+            "microserve.engine.simulated": bool(cfg.simulate)}
+
+
+def _serve(cfg: EngineConfig, host: str, port: int, ports: list[int] | None, model_name: str | None,
+           log_level: str, options: dict) -> None:
     if cfg.simulate:  # any number of them in this process, one port each
         from microserve.launch.sim_host import run_simulated_engines
 
@@ -47,4 +64,5 @@ def run_engine(spec: EngineSpec) -> None:
     """`microserve engine` and each Ray engine actor: serve what `spec` describes until stopped."""
     run_engine_server(spec.config, host=spec.host, port=spec.port, ports=spec.ports, model_name=spec.model_name,
                       max_waiting=spec.max_waiting, log_level=spec.log_level, kv_transport=spec.kv_transport,
-                      api_keys=spec.api_keys, cluster_token=spec.cluster_token, max_body_bytes=spec.max_body_bytes)
+                      api_keys=spec.api_keys, cluster_token=spec.cluster_token, max_body_bytes=spec.max_body_bytes,
+                      otlp_traces_endpoint=spec.otlp_traces_endpoint)

@@ -17,6 +17,7 @@ import time
 
 import httpx
 
+from microserve import tracing
 from microserve.config import EngineConfig
 from microserve.launch.spec import EngineSpec
 
@@ -31,6 +32,12 @@ def _numerics_flags(args) -> list[str]:
     flags = ["--deterministic"] if getattr(args, "deterministic", False) else []
     quantization = getattr(args, "quantization", "auto")
     return flags + ([] if quantization == "auto" else ["--quantization", quantization])
+
+
+def _tracing_flags(args) -> list[str]:
+    """--otlp-traces-endpoint, passed to every engine and router (OTEL_* variables reach them anyway)."""
+    url = getattr(args, "otlp_traces_endpoint", None)
+    return ["--otlp-traces-endpoint", url] if url else []
 
 
 def _split(items: list, size: int) -> list[list]:
@@ -145,7 +152,7 @@ def serve(args) -> int:
     for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, flag, None):
             limits += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    limits += _numerics_flags(args)
+    limits += _numerics_flags(args) + _tracing_flags(args)
     name = args.served_model_name or args.simulate or _default_name(args.model)
     children: list[Child] = []
     stopping = threading.Event()
@@ -180,6 +187,7 @@ def serve(args) -> int:
             router_args += ["--engine", url]
         if args.roles:
             router_args += ["--roles", args.roles]
+        router_args += _tracing_flags(args)
         keys = ",".join(args.api_key or []) or os.environ.get("MICROSERVE_API_KEYS", "")
         router = Child("router", router_args, env={**secret_env, "MICROSERVE_API_KEYS": keys})
         children.append(router)
@@ -221,7 +229,8 @@ def _start_replicas(args, primary: str, env: dict, model: list[str], name: str) 
     for i in range(1, getattr(args, "routers", 1) or 1):
         replicas.append(Child(f"router-{i}", ["router", *model, "--port", str(args.port + i), "--host", args.host,
                                               "--strategy", args.strategy, "--served-model-name", name,
-                                              "--follow", primary, "--log-level", "warning"], env=env))
+                                              "--follow", primary, "--log-level", "warning", *_tracing_flags(args)],
+                              env=env))
     _wait_healthy(replicas, [f"http://{args.host}:{args.port + i}" for i in range(1, len(replicas) + 1)])
     return replicas
 
@@ -287,6 +296,8 @@ def serve_ray(args) -> int:
                          num_cpus=cpus, num_gpus=args.engine_gpus, resources=_placement(args.placement))
         cluster = Cluster([], token=token)
         router = Router(cluster, strategy=args.strategy, fleet=fleet)
+        tracing.setup_tracing("microserve-router", getattr(args, "otlp_traces_endpoint", None),
+                              {"service.instance.id": f"{args.host}:{args.port}"})
         app = build_router_app(router, load_tokenizer(args.model), name, cluster_token=token,
                                api_keys=keys.split(",") if keys else None)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
@@ -326,6 +337,7 @@ def serve_ray(args) -> int:
                 c.wait(timeout=15)
         return 0 if server.started else 1
     finally:
+        tracing.shutdown_tracing()
         ray.shutdown()
 
 
@@ -338,7 +350,8 @@ def _ray_engine_spec(args, name: str, cpus: float, token: str) -> EngineSpec:
                           num_threads=max(1, int(cpus)) if real else None, kv_shared=real, simulate=args.simulate,
                           deterministic=real and bool(getattr(args, "deterministic", False)),
                           quantization=getattr(args, "quantization", "auto") if real else "auto", **limits)
-    return EngineSpec(config, model_name=name, log_level="warning", api_keys=[token], cluster_token=token)
+    return EngineSpec(config, model_name=name, log_level="warning", api_keys=[token], cluster_token=token,
+                      otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None))
 
 
 def _placement(specs: list[str] | None) -> dict[str, dict[str, float]]:

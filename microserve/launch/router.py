@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from microserve import tracing
 from microserve.api.security import is_loopback
 from microserve.errors import UserError
 from microserve.launch.http import raise_open_file_limit
@@ -24,6 +25,8 @@ def run_router(spec: RouterSpec) -> None:
     raise_open_file_limit()
     if not spec.engines and not spec.follow:
         raise UserError("give the engines (--engine URL, repeated) or a router to follow (--follow URL)")
+    tracing.setup_tracing("microserve-router", spec.otlp_traces_endpoint,
+                          {"service.instance.id": f"{spec.host}:{spec.port}"})
     cluster = Cluster(spec.engines, spec.roles, token=spec.cluster_token)
     try:
         router = Router(cluster, strategy=spec.strategy, max_active=spec.max_active, max_queued=spec.max_queued,
@@ -33,5 +36,8 @@ def run_router(spec: RouterSpec) -> None:
     app = build_router_app(router, load_tokenizer(spec.model), spec.served_model_name or served_model_name(spec.model),
                            cluster_token=spec.cluster_token, api_keys=spec.api_keys,
                            max_body_bytes=spec.max_body_bytes)
-    uvicorn.run(app, host=spec.host, port=spec.port, log_level=spec.log_level, access_log=False,
-                timeout_graceful_shutdown=5, backlog=4096)
+    try:
+        uvicorn.run(app, host=spec.host, port=spec.port, log_level=spec.log_level, access_log=False,
+                    timeout_graceful_shutdown=5, backlog=4096)
+    finally:
+        tracing.shutdown_tracing()  # what is still buffered goes out before the process ends

@@ -24,6 +24,7 @@ class EngineSpec:
     api_keys: list[str] = field(default_factory=list)
     cluster_token: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    otlp_traces_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_* if set, else no tracing
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RouterSpec:
     cluster_token: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "info"
+    otlp_traces_endpoint: str | None = None
 
 
 @dataclass
@@ -74,6 +76,7 @@ class ServeSpec:
     engine_gpus: float = 0
     engine_host: str | None = None
     placement: list[str] | None = None
+    otlp_traces_endpoint: str | None = None  # passed to every engine and router started
 
 
 @dataclass

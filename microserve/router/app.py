@@ -11,6 +11,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from microserve import tracing
 from microserve.api.errors import busy_response, error_body, install_error_handlers
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from microserve.api.responses import ResponsesRequest
@@ -58,6 +59,7 @@ def build_router_app(router: Router, tokenizer, model_name: str, cluster_token: 
         await router.start()
         yield
         await router.stop()
+        tracing.flush()
 
     app = FastAPI(title="microserve router", lifespan=lifespan)
     install_error_handlers(app)
@@ -65,6 +67,7 @@ def build_router_app(router: Router, tokenizer, model_name: str, cluster_token: 
     # Every /admin/ route is behind the cluster token.
     install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes,
                      cluster_paths=(), admin_paths=("/admin/",))
+    tracing.install(app)  # a client's traceparent becomes the parent of its requests' spans
     _add_openai_routes(app, router, RouterFront(router, tokenizer, model_name))
     _add_admin_routes(app, router)
     _add_dashboard_routes(app, router)
@@ -158,6 +161,7 @@ def _add_admin_routes(app: FastAPI, router: Router) -> None:
     async def scale(body: ScaleChange):
         """Start or drain engines (a fleet's, e.g. Ray actors) until `role` has `engines` of them."""
         return await router.scale(body.role, body.engines)
+
 
 # The page holds no data and may be served to anyone; what it shows comes from /admin/live,
 # behind the cluster token, which the page sends from its `?token=`. Nothing is fetched elsewhere.

@@ -11,6 +11,7 @@ import httpx
 
 from microserve.api.microserving import EngineStatus, GenerateChunk
 from microserve.engine.block_pool import hash_prompt_blocks
+from microserve.router import traces
 
 log = logging.getLogger("microserve.router")
 
@@ -89,16 +90,22 @@ class Engine:
         return EngineDown(self, f"{type(e).__name__}: {e}", reached=not isinstance(e, httpx.ConnectError))
 
     async def _post(self, path: str, body: dict) -> dict:
+        call = traces.call(body["request_id"], path.rsplit("/", 1)[-1], self.url, self.role)
         self.calls += 1
         try:
-            r = await self._client.post(path, json=body)
+            r = await self._client.post(path, json=body, headers=call.headers)
+            if r.status_code != 200:
+                raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
+            call.end()
+            return r.json()
         except httpx.TransportError as e:
+            call.end(e)
             raise self._down(e) from None
+        except EngineError as e:
+            call.end(e)
+            raise
         finally:
             self.calls -= 1
-        if r.status_code != 200:
-            raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
-        return r.json()
 
     async def prep_recv(self, request_id: str, prompt: list[int], end: int, lease_s: float = 60) -> dict:
         return await self._post("/microserving/prep_recv",
@@ -112,10 +119,13 @@ class Engine:
                              sampling: dict) -> AsyncIterator[GenerateChunk]:
         """Stream the engine's chunks (each choice a Delta: text, token ids, logprobs)."""
         body = {**sampling, "request_id": request_id, "prompt": prompt, "begin": begin, "stream": True}
+        call = traces.call(request_id, "start_generate", self.url, self.role)
+        error: BaseException | None = None
         self.inflight += 1
         self.calls += 1
         try:
-            async with self._client.stream("POST", "/microserving/start_generate", json=body) as r:
+            async with self._client.stream("POST", "/microserving/start_generate", json=body,
+                                           headers=call.headers) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
@@ -129,8 +139,13 @@ class Engine:
                         yield chunk
             raise EngineDown(self, "the stream ended before [DONE]")
         except httpx.TransportError as e:
+            error = e
             raise self._down(e) from None
+        except (EngineError, EngineDown) as e:
+            error = e
+            raise
         finally:
+            call.end(error)
             self.inflight -= 1
             self.calls -= 1
 

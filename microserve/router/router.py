@@ -18,6 +18,7 @@ from microserve.router.failover import Admission, with_failover
 from microserve.router.fleet import Fleet
 from microserve.router.live import LiveSnapshot, LiveView, RequestTimer, RouterState
 from microserve.router.metrics import RouterMetrics
+from microserve.router import traces
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,13 @@ class Router:
         req = strategies.RoutedRequest(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
         start = time.monotonic()
         await self.admission.acquire()
+        span = traces.begin(req.request_id, strategy.name, len(prompt_ids), start)
         chunks = with_failover(strategy.fn(req, self.cluster, **strategy.params), req, self.cluster,
                                wait_s=self.failover_wait_s, on_failover=self._failed_over)
-        rest = self._admitted(chunks, start).__aiter__()
+        rest = self._admitted(chunks, start)
+        if span.is_recording():  # the request's span ends with its stream
+            rest = traces.follow(rest, req.request_id)
+        rest = rest.__aiter__()
         try:
             first = await rest.__anext__()
         except StopAsyncIteration:
@@ -162,6 +167,7 @@ class Router:
 
     def _failed_over(self, request_id: str, error: Exception, target: Engine) -> None:
         self.metrics.failovers.inc()
+        traces.failover(request_id, error, target.url)
         failed = getattr(error, "engine", None)
         self.live.failover(request_id, failed.url if failed is not None else None, target.url)
 

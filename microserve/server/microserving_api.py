@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from opentelemetry.trace import SpanKind
 
+from microserve import tracing
 from microserve.api.errors import sse_errors
 from microserve.api.microserving import Abort, EngineStatus, PrepRecv, RemoteSend, StartGenerate
 from microserve.api.render import DONE, Delta, engine_chunk, usage
@@ -27,6 +29,7 @@ from microserve.engine.sub_requests import SubRequests, TransferFailed
 from microserve.errors import UserError
 from microserve.kv_transfer.receiver import KVReceiver
 from microserve.server.async_engine import AsyncEngine
+from microserve.server import traces
 from microserve.server.metrics import EngineMetrics
 
 WATCH_INTERVAL_S = 0.1  # a watch stream sends at most this often
@@ -52,15 +55,22 @@ def add_microserving_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngin
 def _add_kv_routes(app: FastAPI, sub: SubRequests, metrics: EngineMetrics) -> None:
     @app.post("/microserving/prep_recv")
     async def prep_recv(req: PrepRecv):
-        return dataclasses.asdict(await sub.prep_recv(req.request_id, req.prompt, req.end, req.lease_s))
+        with tracing.in_span("engine.prep_recv", tracing.incoming(), {"request_id": req.request_id},
+                             kind=SpanKind.SERVER) as span:
+            reserved = await sub.prep_recv(req.request_id, req.prompt, req.end, req.lease_s)
+            traces.reserved(span, reserved, req.end)
+        return dataclasses.asdict(reserved)
 
     @app.post("/microserving/remote_send")
     async def remote_send(req: RemoteSend):
-        try:
-            sent = await sub.remote_send(req.request_id, req.prompt, req.begin, req.end, req.kv_addr_info)
-        except TransferFailed:
-            metrics.kv_transfer_failures.inc()
-            raise
+        with tracing.in_span("engine.remote_send", tracing.incoming(), {"request_id": req.request_id},
+                             kind=SpanKind.SERVER) as span:
+            try:
+                sent = await sub.remote_send(req.request_id, req.prompt, req.begin, req.end, req.kv_addr_info)
+            except TransferFailed:
+                metrics.kv_transfer_failures.inc()
+                raise
+            traces.sent(span, sent)
         metrics.on_sent(sent)
         return dataclasses.asdict(sent)
 
@@ -90,7 +100,9 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
         raise UserError("prompt_logprobs need the whole prompt computed here (begin 0, no resume)")
     resume = (req.generated, req.generated_text_len) if req.generated else None
     await aengine.prepare(params)
-    gen = aengine.generate(req.request_id, req.prompt, params, resume)
+    received = _received(engine, req.request_id)
+    gen = traces.traced_generation(aengine.generate(req.request_id, req.prompt, params, resume),
+                                   "engine.start_generate", req.request_id, len(req.prompt), req.begin, received)
     head = {"id": f"cmpl-{req.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": req.model or engine.model_config.name}
     if not req.stream:
@@ -117,6 +129,14 @@ async def _start_generate(engine: LLMEngine, aengine: AsyncEngine, req: StartGen
         yield DONE
 
     return StreamingResponse(sse_errors(stream()), media_type="text/event-stream")
+
+
+def _received(engine: LLMEngine, request_id: str) -> tuple[float, float] | None:
+    """When the KV for `request_id`'s reservation came in (None: none, or tracing is off)."""
+    if not tracing.enabled():
+        return None
+    reservation = engine.microserving.reservations.get(request_id)  # a plain read, as /status does
+    return reservation.received if reservation is not None else None
 
 
 def _add_index_routes(app: FastAPI, engine: LLMEngine, aengine: AsyncEngine, status_now: Callable[[], dict]) -> None:

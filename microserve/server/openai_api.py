@@ -9,6 +9,7 @@ from contextlib import aclosing, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from microserve import tracing
 from microserve.api.errors import busy_response, check_model, error_body, install_error_handlers, sse_errors
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, prompt_list
 from microserve.api.render import ChatRender, CompletionRender, Delta, accumulate
@@ -23,6 +24,7 @@ from microserve.server.async_engine import AsyncEngine, QueueFull
 from microserve.server.fail_fast import exit_on_fatal
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import add_microserving_routes
+from microserve.server import traces
 from microserve.api.tools import chat_prompt_ids
 from microserve.tokenizer import token_text
 
@@ -43,6 +45,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
         receiver.close()
         aengine.shutdown()
         engine.runner.kv.close()
+        tracing.flush()
 
     app = FastAPI(title="microserve", lifespan=lifespan)
     app.state.engine = aengine
@@ -51,6 +54,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
     install_error_handlers(app)
     _install_engine_errors(app)
     install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes)
+    tracing.install(app)
     _add_routes(app, OpenAIFront(engine, aengine, model_name), metrics)
     return app
 
@@ -120,12 +124,17 @@ class OpenAIFront:
         gens = []
         try:
             for i, (ids, p) in enumerate(zip(prompt_ids, params)):
-                gens.append(self.aengine.generate(f"{rid}-{i}", ids, p))
+                gens.append(self.generate(f"{rid}-{i}", ids, p))
         except Exception:
             for j in range(len(gens)):  # never iterated: abort them by id
                 self.aengine.abort(f"{rid}-{j}")
             raise
         return gens
+
+    def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Admit one prompt (traced as `engine.generate` when tracing is on)."""
+        outputs = self.aengine.generate(rid, prompt_ids, params)
+        return traces.traced_generation(outputs, "engine.generate", rid, len(prompt_ids))
 
     def echo_text(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -156,7 +165,7 @@ class OpenAIFront:
         params = self.prepare(prompt_ids, req.sampling_params(max_tokens, req.top_logprobs_wanted), max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         await self.aengine.prepare(params)
-        gen = self.aengine.generate(rid, prompt_ids, params)
+        gen = self.generate(rid, prompt_ids, params)
         return ChatRun(rid, len(prompt_ids), _chat_deltas(gen))
 
     async def chat(self, req: ChatCompletionRequest):
