@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import httpx
 
 from microserve.api.microserving import EngineStatus, GenerateChunk
+from microserve.router.engine_client import Answer, Broken, EngineClient, Unreachable
 from microserve.engine.block_pool import hash_prompt_blocks
 from microserve.router import traces
 
@@ -61,6 +63,7 @@ class Engine:
                                          # kept below the engines' KEEP_ALIVE_S, so the engine never closes one being reused
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
                                                              keepalive_expiry=60))
+        self._calls = EngineClient(self.url, headers)  # the sub-request calls (the hot path)
 
     def __repr__(self) -> str:
         return f"Engine({self.url}, {self.role})"
@@ -87,18 +90,18 @@ class Engine:
 
     def _down(self, e: Exception) -> EngineDown:
         self.healthy = False
-        return EngineDown(self, f"{type(e).__name__}: {e}", reached=not isinstance(e, httpx.ConnectError))
+        reached = not isinstance(e, (httpx.ConnectError, Unreachable))
+        return EngineDown(self, f"{type(e).__name__}: {e}", reached=reached)
 
     async def _post(self, path: str, body: dict) -> dict:
         call = traces.call(body["request_id"], path.rsplit("/", 1)[-1], self.url, self.role)
         self.calls += 1
         try:
-            r = await self._client.post(path, json=body, headers=call.headers)
-            if r.status_code != 200:
-                raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
+            answer = await self._calls.post(path, body, headers=call.headers)
+            self._raise_unless_ok(answer)
             call.end()
-            return r.json()
-        except httpx.TransportError as e:
+            return answer.body
+        except Broken as e:
             call.end(e)
             raise self._down(e) from None
         except EngineError as e:
@@ -124,12 +127,9 @@ class Engine:
         self.inflight += 1
         self.calls += 1
         try:
-            async with self._client.stream("POST", "/microserving/start_generate", json=body,
-                                           headers=call.headers) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    raise EngineError(r.status_code, _json_or_text(r), r.headers.get("retry-after"), self)
-                async for line in r.aiter_lines():
+            lines = self._calls.stream_lines("/microserving/start_generate", body, call.headers, self._raise_unless_ok)
+            async with aclosing(lines):
+                async for line in lines:
                     if line == "data: [DONE]":
                         return
                     if line.startswith("data: "):
@@ -138,7 +138,7 @@ class Engine:
                             raise EngineError(int(chunk["error"].get("code") or 500), chunk, engine=self)
                         yield chunk
             raise EngineDown(self, "the stream ended before [DONE]")
-        except httpx.TransportError as e:
+        except Broken as e:
             error = e
             raise self._down(e) from None
         except (EngineError, EngineDown) as e:
@@ -152,8 +152,14 @@ class Engine:
     async def abort(self, request_id: str) -> None:
         try:
             await self._post("/microserving/abort", {"request_id": request_id})
-        except (EngineError, httpx.HTTPError):
+        except (EngineError, EngineDown):
             pass
+
+    def _raise_unless_ok(self, answer: Answer) -> None:
+        if answer.status != 200:
+            body = answer.body if isinstance(answer.body, dict) else \
+                {"error": {"message": str(answer.body)[:500], "type": "engine_error"}}
+            raise EngineError(answer.status, body, answer.retry_after, self)
 
     # ------------------------------------------------------------ live state
 
@@ -247,6 +253,7 @@ class Engine:
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._calls.close()
 
 
 class PrefixIndex:
@@ -440,9 +447,3 @@ class Cluster:
         engine.healthy = False
         await engine.close()
 
-
-def _json_or_text(r: httpx.Response) -> dict:
-    try:
-        return r.json()
-    except ValueError:
-        return {"error": {"message": r.text[:500], "type": "engine_error"}}
