@@ -69,6 +69,33 @@ inline float bf16_to_fp32(uint16_t h) {
   return f;
 }
 
+// One K-quant super-block to float32, as gguf's reference computes it: d * scale * q - dmin * min
+// (Q4_K, Q5_K; every product is exact in float32, so only the subtraction rounds) or d * scale * (q - 32) (Q6_K).
+void dequantize_superblock(int64_t type, const uint8_t* blk, float* out) {
+  if (type == T_Q6_K) {
+    const float d = fp16_to_fp32(load_u16(blk + 208));
+    for (int e = 0; e < QKK; e++) {
+      const int h = e / 128, r = e % 128, qd = r / 32, l = r % 32;
+      const int lo = (blk[64 * h + 32 * (qd & 1) + l] >> (4 * (qd >> 1))) & 15;
+      const int hi = (blk[128 + 32 * h + l] >> (2 * qd)) & 3;
+      out[e] = d * float(int8_t(blk[192 + e / 16])) * float((lo | (hi << 4)) - 32);
+    }
+    return;
+  }
+  uint8_t sm[16];
+  unpack_scales_k4(blk + 4, sm);
+  const float d = fp16_to_fp32(load_u16(blk)), dmin = fp16_to_fp32(load_u16(blk + 2));
+  const uint8_t* qs = blk + (type == T_Q5_K ? 48 : 16);
+  for (int j = 0; j < 8; j++) {
+    const float dd = d * float(sm[j]), dm = dmin * float(sm[8 + j]);
+    for (int l = 0; l < 32; l++) {
+      int q = (qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15;
+      if (type == T_Q5_K) q |= ((blk[16 + l] >> j) & 1) << 4;
+      out[32 * j + l] = dd * float(q) - dm;
+    }
+  }
+}
+
 // One weight row (packed layout) to float32.
 void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
   int64_t nb = k / QK;
@@ -92,6 +119,24 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
           out[b * QK + j + 16] = d * float(q[j] >> 4) + m;
         }
       }
+      break;
+    case T_Q5_0:
+    case T_Q5_1:
+      for (int64_t b = 0; b < nb; b++) {
+        float d = fp16_to_fp32(load_u16(scales + 2 * b));
+        float m = type == T_Q5_1 ? fp16_to_fp32(load_u16(scales + 2 * (nb + b))) : -16.f * d;
+        const uint8_t* q = row + b * 16;
+        uint32_t h = load_u32(row + nb * 16 + b * 4);
+        for (int j = 0; j < 16; j++) {
+          out[b * QK + j] = d * float((q[j] & 15) | (((h >> j) & 1) << 4)) + m;
+          out[b * QK + j + 16] = d * float((q[j] >> 4) | (((h >> (j + 16)) & 1) << 4)) + m;
+        }
+      }
+      break;
+    case T_Q4_K:
+    case T_Q5_K:
+    case T_Q6_K:
+      for (int64_t b = 0; b < k / QKK; b++) dequantize_superblock(type, row + b * superblock_bytes(type), out + b * QKK);
       break;
     case T_BF16:
       for (int64_t j = 0; j < k; j++) out[j] = bf16_to_fp32(load_u16(row + 2 * j));
@@ -144,6 +189,56 @@ inline void load_fp16(const uint8_t* p, int n, float* out) {
   _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
 }
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+// Q5_0/Q5_1: add 16 where an element's fifth bit (bit j of the block's word h) is set; a mask
+// register from h's halves, no unpacking.
+inline void fifth_bits(uint32_t h, vf out[]) {
+  out[0] = _mm512_mask_add_ps(out[0], __mmask16(h & 0xffff), out[0], vset1(16.f));
+  out[1] = _mm512_mask_add_ps(out[1], __mmask16(h >> 16), out[1], vset1(16.f));
+}
+// 16 bytes as int32 lanes (K-quant groups of 16 elements).
+inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// Q6_K's 2-bit high parts (lane bits 0-1, higher bits ignored by the table) as 16 * h - 32.
+inline vf q6_high_table() { return _mm512_setr_ps(-32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16); }
+
+// Group g (elements 16g..16g+15) of a K-quant super-block: its integer quants as floats
+// (Q6_K's already less 32), nibbles through the 16-entry table.
+template <int64_t TYPE>
+inline void kquant_group(const uint8_t* blk, int g, vf table, vf out[1]) {
+  if constexpr (TYPE == T_Q6_K) {
+    const int h = g / 8, qd = (g % 8) / 2, s16 = g % 2;
+    __m512i lo = _mm512_srli_epi32(bytes16(blk + 64 * h + 32 * (qd & 1) + 16 * s16), 4 * (qd >> 1));
+    __m512i hi = _mm512_srli_epi32(bytes16(blk + 128 + 32 * h + 16 * s16), 2 * qd);
+    out[0] = _mm512_add_ps(_mm512_permutexvar_ps(lo, table), _mm512_permutexvar_ps(hi, q6_high_table()));
+  } else {
+    const int j = g / 2, half = g % 2;
+    const uint8_t* qs = blk + (TYPE == T_Q5_K ? 48 : 16) + 32 * (j / 2) + 16 * half;
+    out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes16(qs), 4 * (j & 1)), table);
+    if constexpr (TYPE == T_Q5_K) {  // bit j of each qh byte, moved to the byte's top bit for movemask
+      __m128i qh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 + 16 * half));
+      __mmask16 bit = __mmask16(_mm_movemask_epi8(_mm_slli_epi16(qh, 7 - j)));
+      out[0] = _mm512_mask_add_ps(out[0], bit, out[0], vset1(16.f));
+    }
+  }
+}
+
+// A super-block's 16 group scales (d * scale) and offsets (-dmin * min; 0 for Q6_K) as float32.
+template <int64_t TYPE>
+inline void kquant_scales(const uint8_t* blk, float sc[16], float mn[16]) {
+  if constexpr (TYPE == T_Q6_K) {
+    vf s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192))));
+    _mm512_store_ps(sc, _mm512_mul_ps(vset1(_cvtsh_ss(load_u16(blk + 208))), s));
+    _mm512_store_ps(mn, vzero());
+  } else {
+    alignas(16) uint8_t sm[16];
+    unpack_scales_k4(blk + 4, sm);
+    vf v = _mm512_cvtepi32_ps(bytes16(sm));  // 8 scales, then 8 mins
+    vf dv = _mm512_mask_blend_ps(__mmask16(0xff00), vset1(_cvtsh_ss(load_u16(blk))), vset1(-_cvtsh_ss(load_u16(blk + 2))));
+    v = _mm512_mul_ps(v, dv);
+    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    _mm512_store_ps(sc, _mm512_permutexvar_ps(pairs, v));
+    _mm512_store_ps(mn, _mm512_permutexvar_ps(_mm512_add_epi32(pairs, _mm512_set1_epi32(8)), v));
+  }
+}
 #elif defined(MS_AVX2)
 // 8 floats per vector; a block of 32 weights is 4 vectors.
 using vf = __m256;
@@ -194,6 +289,55 @@ inline void load_fp16(const uint8_t* p, int n, float* out) {
   for (int i = 0; i < 16; i++) out[i] = i < n ? _cvtsh_ss(load_u16(p + 2 * i)) : 0.f;
 }
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+// Q5_0/Q5_1: 16 * the fifth bit of each element (bit 8v + lane of the block's word h) added.
+inline void fifth_bits(uint32_t h, vf out[]) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int v = 0; v < 4; v++) {
+    __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(h >> (8 * v))), lanes), _mm256_set1_epi32(1));
+    out[v] = _mm256_add_ps(out[v], _mm256_cvtepi32_ps(_mm256_slli_epi32(bit, 4)));
+  }
+}
+// 8 bytes as int32 lanes.
+inline __m256i bytes8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
+// Group g (elements 16g..16g+15) of a K-quant super-block as two vectors of integer quants in
+// float (Q6_K's already less 32).
+template <int64_t TYPE>
+inline void kquant_group(const uint8_t* blk, int g, vf, vf out[2]) {
+  const __m256i m4 = _mm256_set1_epi32(15);
+  for (int v = 0; v < 2; v++) {
+    __m256i q;
+    if constexpr (TYPE == T_Q6_K) {
+      const int h = g / 8, qd = (g % 8) / 2, s16 = g % 2;
+      __m256i lo = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 64 * h + 32 * (qd & 1) + 16 * s16 + 8 * v), 4 * (qd >> 1)), m4);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 128 + 32 * h + 16 * s16 + 8 * v), 2 * qd), _mm256_set1_epi32(3));
+      q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+    } else {
+      const int j = g / 2, half = g % 2;
+      const uint8_t* qs = blk + (TYPE == T_Q5_K ? 48 : 16) + 32 * (j / 2) + 16 * half + 8 * v;
+      q = _mm256_and_si256(_mm256_srli_epi32(bytes8(qs), 4 * (j & 1)), m4);
+      if constexpr (TYPE == T_Q5_K) {
+        __m256i hb = _mm256_and_si256(_mm256_srli_epi32(bytes8(blk + 16 + 16 * half + 8 * v), j), _mm256_set1_epi32(1));
+        q = _mm256_or_si256(q, _mm256_slli_epi32(hb, 4));
+      }
+    }
+    out[v] = _mm256_cvtepi32_ps(q);
+  }
+}
+
+// A super-block's 16 group scales (d * scale) and offsets (-dmin * min; 0 for Q6_K) as float32.
+template <int64_t TYPE>
+inline void kquant_scales(const uint8_t* blk, float sc[16], float mn[16]) {
+  if constexpr (TYPE == T_Q6_K) {
+    const float d = _cvtsh_ss(load_u16(blk + 208));
+    for (int g = 0; g < 16; g++) sc[g] = d * float(int8_t(blk[192 + g])), mn[g] = 0.f;
+  } else {
+    uint8_t sm[16];
+    unpack_scales_k4(blk + 4, sm);
+    const float d = _cvtsh_ss(load_u16(blk)), dmin = -_cvtsh_ss(load_u16(blk + 2));
+    for (int g = 0; g < 16; g++) sc[g] = d * float(sm[g / 2]), mn[g] = dmin * float(sm[8 + g / 2]);
+  }
+}
 #endif
 
 #ifdef MS_SIMD
@@ -203,14 +347,16 @@ constexpr int CHUNK = 16;    // blocks whose scales are converted to float32 tog
 constexpr int PREFETCH = 4;  // tiles ahead whose weights are fetched into the cache
 
 constexpr bool scaled(int64_t type) { return is_block_type(type); }
-// 4-bit formats add a minimum m per block: Q4_1's own, Q4_0's -8 d (its quants are q - 8).
-constexpr bool has_min(int64_t type) { return type == T_Q4_0 || type == T_Q4_1; }
+// 4- and 5-bit formats add a minimum m per block: Q4_1's and Q5_1's own, Q4_0's -8 d and Q5_0's -16 d
+// (their quants are q - 8 and q - 16).
+constexpr bool has_min(int64_t type) { return type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1; }
+constexpr float implied_min(int64_t type) { return type == T_Q4_0 ? -8.f : type == T_Q5_0 ? -16.f : 0.f; }
 
 // Block b of a row as float32 vectors in the order its dot product reads them: for the block
 // formats the integer quants q, scaled by d after the dot product; BF16 even elements
 // first, then odd ones, in groups of 2W (x is reordered to match, `reorder_for_bf16`); F16 as is.
 template <int64_t TYPE>
-inline void quants(const uint8_t* row, int64_t b, vf table, vf out[NV]) {
+inline void quants(const uint8_t* row, int64_t b, int64_t nb, vf table, vf out[NV]) {
   if constexpr (TYPE == T_BF16) {
     for (int v = 0; v < NV; v += 2) split_bf16(row + 2 * (b * QK + v * W), out + v);
   } else if constexpr (TYPE == T_F16) {
@@ -219,6 +365,7 @@ inline void quants(const uint8_t* row, int64_t b, vf table, vf out[NV]) {
     for (int v = 0; v < NV; v++) out[v] = widen_i8(row + b * QK + v * W);
   } else {
     nibbles(row + b * 16, table, out);
+    if constexpr (has_fifth_bit(TYPE)) fifth_bits(load_u32(row + nb * 16 + b * 4), out);
   }
 }
 
@@ -254,6 +401,49 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t bytes, int64_t b, int64_
   for (int64_t l = from; l < to; l++) prefetch(next + 64 * l);
 }
 
+constexpr int GV = 16 / W;  // vectors per K-quant group of 16 elements
+
+// A group of a K-quant super-block dequantized in registers: q * (d * scale) - dmin * min, exact
+// as gguf's reference (the product is exact in float32), so the dot products that follow are
+// those of the dequantized weight.
+template <int64_t TYPE>
+inline void kquant_weights(const uint8_t* blk, int g, vf table, const float* sc, const float* mn, vf out[GV]) {
+  kquant_group<TYPE>(blk, g, table, out);
+  for (int v = 0; v < GV; v++)
+    out[v] = TYPE == T_Q6_K ? vmul(out[v], vset1(sc[g])) : vfmadd(out[v], vset1(sc[g]), vset1(mn[g]));
+}
+
+// The K-quant version of `dot_tile`: per super-block the R rows' scales and mins are unpacked
+// once into float32, then each group of 16 weights is dequantized in registers once for all MT
+// rows of x. One vector accumulator per output, over the super-blocks in order (batch invariance).
+template <int64_t TYPE, int R, int MT>
+void dot_tile_k(const uint8_t* w, int64_t rb, const float* x, int64_t k, float* y, int64_t n_total, int64_t n,
+                int64_t m0) {
+  const vf table = nibble_table();
+  const int64_t nsb = k / QKK, bb = superblock_bytes(TYPE);
+  vf acc[R][MT];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < MT; i++) acc[r][i] = vzero();
+  for (int64_t sb = 0; sb < nsb; sb++) {
+    prefetch_ahead(w + n * rb, R * rb, sb, nsb);
+    alignas(64) float sc[R][16], mn[R][16];
+    for (int r = 0; r < R; r++) kquant_scales<TYPE>(w + (n + r) * rb + sb * bb, sc[r], mn[r]);
+#pragma GCC unroll 16
+    for (int g = 0; g < 16; g++) {
+      for (int r = 0; r < R; r++) {
+        vf wv[GV];
+        kquant_weights<TYPE>(w + (n + r) * rb + sb * bb, g, table, sc[r], mn[r], wv);
+        for (int i = 0; i < MT; i++) {
+          const float* xg = x + (m0 + i) * k + sb * QKK + 16 * g;
+          for (int v = 0; v < GV; v++) acc[r][i] = vfmadd(wv[v], vload(xg + v * W), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < MT; i++) y[(m0 + i) * n_total + n + r] = hsum(acc[r][i]);
+}
+
 // y[m0..m0+MT) x [n..n+R) for R consecutive weight rows: each block of a row is unpacked once and
 // multiplied with MT rows of x. A block format's block sums q.x are scaled by d once (and the
 // 4-bit formats add m * the block's sum of x). Each output is one vector accumulator, summed at the end, so its
@@ -261,6 +451,10 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t bytes, int64_t b, int64_
 template <int64_t TYPE, int R, int MT>
 void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t k,
               float* y, int64_t n_total, int64_t n, int64_t m0) {
+  if constexpr (is_kquant(TYPE)) {
+    dot_tile_k<TYPE, R, MT>(w, rb, x, k, y, n_total, n, m0);
+    return;
+  }
   const vf table = nibble_table();
   vf acc[R][MT], macc[R][MT];
   for (int r = 0; r < R; r++)
@@ -274,10 +468,10 @@ void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const fl
         load_fp16(sc + 2 * b0, cnt, d[r]);
         if constexpr (has_min(TYPE)) {
           alignas(64) float mins[CHUNK];
-          if constexpr (TYPE == T_Q4_1) {
+          if constexpr (has_own_min(TYPE)) {
             load_fp16(sc + 2 * (nb + b0), cnt, mins);
           } else {
-            for (int c = 0; c < CHUNK; c++) mins[c] = -8.f * d[r][c];
+            for (int c = 0; c < CHUNK; c++) mins[c] = implied_min(TYPE) * d[r][c];
           }
           for (int i = 0; i < MT; i++)
             for (int c = 0; c < CHUNK; c += W)
@@ -290,7 +484,7 @@ void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const fl
       prefetch_ahead(w + n * rb, R * rb, b, nb);
       for (int r = 0; r < R; r++) {
         vf wv[NV];
-        quants<TYPE>(w + (n + r) * rb, b, table, wv);
+        quants<TYPE>(w + (n + r) * rb, b, nb, table, wv);
         for (int i = 0; i < MT; i++) {
           const float* xb = x + (m0 + i) * k + b * QK;
           if constexpr (scaled(TYPE)) {
@@ -338,6 +532,19 @@ template <int64_t TYPE>
 void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {
   int64_t nb = k / QK;
   const vf table = nibble_table();
+  if constexpr (is_kquant(TYPE)) {
+    for (int64_t sb = 0; sb < k / QKK; sb++) {
+      const uint8_t* blk = row + sb * superblock_bytes(TYPE);
+      alignas(64) float sc[16], mn[16];
+      kquant_scales<TYPE>(blk, sc, mn);
+      for (int g = 0; g < 16; g++) {
+        vf wv[GV];
+        kquant_weights<TYPE>(blk, g, table, sc, mn, wv);
+        for (int v = 0; v < GV; v++) vstore(out + sb * QKK + 16 * g + v * W, wv[v]);
+      }
+    }
+    return;
+  }
   for (int64_t b = 0; b < nb; b++) {
     if constexpr (TYPE == T_BF16 || TYPE == T_F16) {
       for (int v = 0; v < NV; v++) {
@@ -348,9 +555,9 @@ void dequantize_row_simd(const uint8_t* row, int64_t k, float* out) {
       const uint8_t* sc = row + nb * quant_bytes(TYPE);
       float scale = _cvtsh_ss(load_u16(sc + 2 * b));
       vf d = vset1(scale);
-      vf m = vset1(TYPE == T_Q4_1 ? _cvtsh_ss(load_u16(sc + 2 * (nb + b))) : TYPE == T_Q4_0 ? -8.f * scale : 0.f);
+      vf m = vset1(has_own_min(TYPE) ? _cvtsh_ss(load_u16(sc + 2 * (nb + b))) : implied_min(TYPE) * scale);
       vf wv[NV];
-      quants<TYPE>(row, b, table, wv);
+      quants<TYPE>(row, b, nb, table, wv);
       for (int v = 0; v < NV; v++) vstore(out + b * QK + v * W, vfmadd(wv[v], d, m));
     }
   }
@@ -371,17 +578,60 @@ void small_batch_generic(int64_t type, const uint8_t* w, int64_t rb, const float
   }
 }
 
+struct Part {
+  int64_t type, rows;
+  torch::Tensor data;  // [rows, bytes per row], a view into the stacked weight
+};
+
+// The parts of a T_STACKED weight (layout in formats.h).
+std::vector<Part> stacked_parts(const torch::Tensor& w, int64_t k) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.size(0) == 1 && w.is_contiguous(),
+              "stacked weight: contiguous uint8 [1, bytes]");
+  const int64_t* head = reinterpret_cast<const int64_t*>(w.data_ptr<uint8_t>());
+  std::vector<Part> parts;
+  int64_t offset = stack_align(8 * (1 + 2 * head[0]));
+  for (int64_t i = 0; i < head[0]; i++) {
+    int64_t type = head[1 + 2 * i], rows = head[2 + 2 * i], rb = row_bytes(type, k);
+    TORCH_CHECK(offset + rows * rb <= w.size(1), "stacked weight truncated");
+    parts.push_back({type, rows, w[0].narrow(0, offset, rows * rb).view({rows, rb})});
+    offset += stack_align(rows * rb);
+  }
+  return parts;
+}
+
 }  // namespace
+
+torch::Tensor stack(const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& types, int64_t k) {
+  TORCH_CHECK(parts.size() == types.size() && !parts.empty(), "one type per part");
+  int64_t count = int64_t(parts.size()), total = stack_align(8 * (1 + 2 * count));
+  for (size_t i = 0; i < parts.size(); i++) {
+    TORCH_CHECK(parts[i].dtype() == torch::kUInt8 && parts[i].dim() == 2 && parts[i].size(1) == row_bytes(types[i], k),
+                "part ", i, ": uint8 rows of ", row_bytes(types[i], k), " bytes expected");
+    total += stack_align(parts[i].numel());
+  }
+  auto out = torch::zeros({1, total}, torch::kUInt8);
+  uint8_t* op = out.data_ptr<uint8_t>();
+  std::vector<int64_t> head{count};
+  for (size_t i = 0; i < parts.size(); i++) head.insert(head.end(), {types[i], parts[i].size(0)});
+  std::memcpy(op, head.data(), 8 * head.size());
+  int64_t offset = stack_align(8 * (1 + 2 * count));
+  for (const auto& p : parts) {
+    auto c = p.contiguous();
+    std::memcpy(op + offset, c.data_ptr<uint8_t>(), c.numel());
+    offset += stack_align(c.numel());
+  }
+  return out;
+}
 
 torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k) {
   TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2, "weight: uint8 [N, bytes]");
-  TORCH_CHECK(k % QK == 0 && raw.size(1) == row_bytes(type, k), "weight rows have ", raw.size(1),
+  TORCH_CHECK(k % block_elems(type) == 0 && raw.size(1) == row_bytes(type, k), "weight rows have ", raw.size(1),
               " bytes, expected ", row_bytes(type, k), " for ", k, " columns");
   auto src = raw.contiguous();
   if (!is_block_type(type)) return src.clone();
   auto out = torch::empty_like(src);
   int64_t nb = k / QK, rb = src.size(1), qb = quant_bytes(type), bb = block_bytes(type);
-  int64_t head = type == T_Q4_1 ? 4 : 2;  // bytes of scales before each block's quants in the file
+  int64_t head = has_own_min(type) ? 4 : 2;  // bytes of scales before each block's quants in the file
   const uint8_t* sp = src.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, src.size(0), 64, [&](int64_t a, int64_t e) {
@@ -390,9 +640,14 @@ torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k) {
       uint8_t* row = op + n * rb;
       uint8_t* scales = row + nb * qb;
       for (int64_t b = 0; b < nb; b++) {
-        std::memcpy(row + b * qb, in + b * bb + head, qb);
+        if (has_fifth_bit(type)) {  // file: d, (m), qh[4], qs[16]; here all qs, then all qh
+          std::memcpy(row + b * 16, in + b * bb + head + 4, 16);
+          std::memcpy(row + nb * 16 + b * 4, in + b * bb + head, 4);
+        } else {
+          std::memcpy(row + b * qb, in + b * bb + head, qb);
+        }
         std::memcpy(scales + 2 * b, in + b * bb, 2);
-        if (type == T_Q4_1) std::memcpy(scales + 2 * (nb + b), in + b * bb + 2, 2);
+        if (has_own_min(type)) std::memcpy(scales + 2 * (nb + b), in + b * bb + 2, 2);
       }
     }
   });
@@ -400,6 +655,12 @@ torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k) {
 }
 
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows) {
+  if (type == T_STACKED) {
+    TORCH_CHECK(!rows.has_value(), "row lookups need a weight in one format");
+    std::vector<torch::Tensor> dense;
+    for (const auto& p : stacked_parts(w, k)) dense.push_back(dequantize(p.data, p.type, k, c10::nullopt));
+    return torch::cat(dense);
+  }
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, bytes]");
   TORCH_CHECK(w.size(1) == row_bytes(type, k), "weight rows have ", w.size(1), " bytes, expected ",
               row_bytes(type, k));
@@ -419,6 +680,11 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
         case T_Q8_0: dequantize_row_simd<T_Q8_0>(wp + r * rb, k, op + i * k); break;
         case T_Q4_0: dequantize_row_simd<T_Q4_0>(wp + r * rb, k, op + i * k); break;
         case T_Q4_1: dequantize_row_simd<T_Q4_1>(wp + r * rb, k, op + i * k); break;
+        case T_Q5_0: dequantize_row_simd<T_Q5_0>(wp + r * rb, k, op + i * k); break;
+        case T_Q5_1: dequantize_row_simd<T_Q5_1>(wp + r * rb, k, op + i * k); break;
+        case T_Q4_K: dequantize_row_simd<T_Q4_K>(wp + r * rb, k, op + i * k); break;
+        case T_Q5_K: dequantize_row_simd<T_Q5_K>(wp + r * rb, k, op + i * k); break;
+        case T_Q6_K: dequantize_row_simd<T_Q6_K>(wp + r * rb, k, op + i * k); break;
         case T_BF16: dequantize_row_simd<T_BF16>(wp + r * rb, k, op + i * k); break;
         case T_F16: dequantize_row_simd<T_F16>(wp + r * rb, k, op + i * k); break;
       }
@@ -432,13 +698,19 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
 
 torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t type, const c10::optional<torch::Tensor>& bias,
                      int64_t gemm_from) {
+  if (type == T_STACKED) {  // each part on its own kernels, side by side in y's columns
+    std::vector<torch::Tensor> ys;
+    for (const auto& p : stacked_parts(w, x_in.size(1))) ys.push_back(linear(x_in, p.data, p.type, c10::nullopt, gemm_from));
+    auto y = torch::cat(ys, 1);
+    return bias.has_value() ? y.add_(*bias) : y;
+  }
   const bool bf16 = x_in.dtype() == torch::kBFloat16;
   TORCH_CHECK(x_in.dim() == 2 && (bf16 || x_in.dtype() == torch::kFloat32), "x: float32 or bfloat16 [M, K]");
   int64_t m = x_in.size(0), k = x_in.size(1), n = w.size(0);
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, bytes]");
   TORCH_CHECK(w.size(1) == row_bytes(type, k), "weight rows have ", w.size(1), " bytes, expected ",
               row_bytes(type, k), " for K=", k);
-  TORCH_CHECK(k % QK == 0, "K must be a multiple of 32");
+  TORCH_CHECK(k % block_elems(type) == 0, "K must be a multiple of ", block_elems(type));
   auto with_bias = [&](torch::Tensor y) { return bias.has_value() ? y.add_(*bias) : y; };
   if (gemm_from > 0 && m > gemm_from) {
     if (bf16) {  // bfloat16 GEMM (oneDNN): BF16 weights as they are, others dequantized to bfloat16
@@ -470,6 +742,11 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
       case T_Q8_0: small_batch<T_Q8_0>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
       case T_Q4_0: small_batch<T_Q4_0>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
       case T_Q4_1: small_batch<T_Q4_1>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q5_0: small_batch<T_Q5_0>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q5_1: small_batch<T_Q5_1>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q4_K: small_batch<T_Q4_K>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q5_K: small_batch<T_Q5_K>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
+      case T_Q6_K: small_batch<T_Q6_K>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
       case T_BF16: small_batch<T_BF16>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
       case T_F16: small_batch<T_F16>(wp, rb, xp, xs, nbp, m, k, yp, a, b, n); break;
     }

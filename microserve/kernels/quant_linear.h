@@ -6,6 +6,9 @@
 // The file's blocks ([N, bytes per row] uint8) in the layout the kernels read (same size).
 torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k);
 
+// Row blocks in different formats (each repacked, [rows_i, bytes]) as one weight of type T_STACKED.
+torch::Tensor stack(const std::vector<torch::Tensor>& parts, const std::vector<int64_t>& types, int64_t k);
+
 // Rows of a repacked weight (all of them when `rows` is empty) as float32 [rows, k].
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows);
 

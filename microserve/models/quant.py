@@ -16,7 +16,14 @@ from torch import nn
 from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported for the loader)
 
 # ggml type ids the kernels take, by name.
-KERNEL_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+KERNEL_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+                "BF16": 30}
+# Columns a row must be a multiple of: the K-quants' super-blocks hold 256 elements.
+BLOCK_ELEMS = {name: 256 if name.endswith("_K") else 32 for name in KERNEL_TYPES}
+# A weight whose row blocks are in different formats (kernels' T_STACKED): a fused q/k/v whose v
+# llama.cpp's _M mixes store in more bits than q and k (Q6_K beside Q4_K, Q8_0 beside Q5_0).
+STACKED = "STACKED"
+STACKED_TYPE_ID = 1000
 
 # Batches of more rows than this dequantize the weight and use the BLAS GEMM (prefill); fewer
 # use the kernels' own loop (decode), which reads only the file's bytes. Measured on a 2-core
@@ -45,7 +52,7 @@ def padded_rows(n: int) -> int:
 
 @dataclass
 class GGUFWeight:
-    """One weight as stored in a GGUF file: `data` is uint8 [rows, bytes per row]."""
+    """One weight as stored in a GGUF file: `data` is uint8 [rows, bytes per row] (stacked: [1, bytes])."""
 
     data: torch.Tensor
     type_name: str
@@ -54,7 +61,7 @@ class GGUFWeight:
 
     @property
     def type_id(self) -> int:
-        return KERNEL_TYPES[self.type_name]
+        return STACKED_TYPE_ID if self.type_name == STACKED else KERNEL_TYPES[self.type_name]
 
     def repacked(self) -> GGUFWeight:
         from microserve import kernels
@@ -71,11 +78,19 @@ class GGUFWeight:
 
 
 def concat_rows(parts: list[GGUFWeight]) -> GGUFWeight | None:
-    """One weight from row blocks (q, k, v or gate, up), or None when their formats differ."""
-    if len({p.type_name for p in parts}) != 1 or any(p.packed for p in parts):
+    """One weight from row blocks (q, k, v or gate, up): in their format, or stacked when their
+    formats differ (each block then runs on its own format's kernels)."""
+    if any(p.packed for p in parts) or len({p.shape[1] for p in parts}) != 1:
         return None
+    shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+    if len({p.type_name for p in parts}) > 1:
+        from microserve import kernels
+
+        packed = [p.repacked() for p in parts]
+        data = kernels.load().stack([p.data for p in packed], [p.type_id for p in packed], shape[1])
+        return GGUFWeight(data, STACKED, shape, packed=True)
     data = torch.cat([p.data for p in parts]) if len(parts) > 1 else parts[0].data.contiguous()
-    return GGUFWeight(data, parts[0].type_name, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+    return GGUFWeight(data, parts[0].type_name, shape)
 
 
 class QuantLinear(nn.Module):
