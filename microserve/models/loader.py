@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from tqdm import tqdm
 from microserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from microserve.errors import UserError
 from microserve.models.llama import LlamaForCausalLM, cpu_has_fast_bf16, rope_inv_freq
-from microserve.models.quant import KERNEL_TYPES, QUANTIZATION_CHOICES, GGUFWeight, QuantLinear
+from microserve.models.quant import BLOCK_ELEMS, KERNEL_TYPES, QUANTIZATION_CHOICES, GGUFWeight, QuantLinear
 from microserve.tokenizer import builtin_model_path, gguf_tokenizer, hf_tokenizer
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
@@ -185,6 +188,27 @@ def _gguf_field(reader, key, default=None):
 _KEEPABLE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
+def _keeps_format(name: str, type_name: str, shape: list[int]) -> bool:
+    """Whether a weight can stay in the file's format: a linear or the embedding, in a format the
+    kernels run, with rows a whole number of its blocks (256 elements for the K-quants)."""
+    return type_name in KERNEL_TYPES and name.endswith(_KEEPABLE) and len(shape) == 2 \
+        and shape[1] % BLOCK_ELEMS[type_name] == 0
+
+
+def _why_dequantized(type_name: str, shape: list[int]) -> str:
+    if type_name not in KERNEL_TYPES:
+        return f"no CPU kernel for {type_name}"  # e.g. Q2_K, Q3_K, the IQ formats
+    return f"rows of {shape[-1]} columns are not whole {BLOCK_ELEMS[type_name]}-element blocks"
+
+
+def _log_dequantized(path: Path, dequantized: dict[str, list[str]]) -> None:
+    """Say which linears of a GGUF file are dequantized at load and why: their memory and speed are
+    those of the model's dtype, not of the file's format."""
+    for why, names in sorted(dequantized.items()):
+        log.warning("%s: %d tensors dequantized at load (%s): %s", path.name, len(names), why,
+                    ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
+
+
 def _open_gguf(path: Path, keep_gguf: bool = False):
     """Config, (name, weight) pairs, count and tokenizer. With `keep_gguf`, linear and embedding
     weights in a format the kernels run come as `GGUFWeight`s (file bytes), the rest as float32."""
@@ -205,12 +229,15 @@ def _open_gguf(path: Path, keep_gguf: bool = False):
     # llama.cpp permutes q/k rows only for archs it runs with interleaved (non-NeoX) rope.
     permuted = arch in ("llama", "mistral")
 
+    dequantized: dict[str, list[str]] = {}
+
     def weights():
         for t in reader.tensors:
             name = gguf_to_hf_name(t.name)
             shape = [int(d) for d in reversed(t.shape)]
-            if keep_gguf and t.tensor_type.name in KERNEL_TYPES and name.endswith(_KEEPABLE) \
-                    and len(shape) == 2 and shape[1] % 32 == 0:
+            if keep_gguf and name.endswith(_KEEPABLE) and not _keeps_format(name, t.tensor_type.name, shape):
+                dequantized.setdefault(_why_dequantized(t.tensor_type.name, shape), []).append(t.name)
+            if keep_gguf and _keeps_format(name, t.tensor_type.name, shape):
                 data = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1)
                 if permuted and name.endswith("q_proj.weight"):
                     data = _unpermute(data, cfg.num_heads)
@@ -228,6 +255,7 @@ def _open_gguf(path: Path, keep_gguf: bool = False):
             elif permuted and name.endswith("k_proj.weight"):
                 w = _unpermute(w, cfg.num_kv_heads)
             yield name, torch.from_numpy(w)
+        _log_dequantized(path, dequantized)
 
     has_vocab = "tokenizer.ggml.model" in reader.fields
     return cfg, weights(), len(reader.tensors), gguf_tokenizer(path) if has_vocab else None

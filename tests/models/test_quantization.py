@@ -40,7 +40,8 @@ def _gguf_blocks(w: np.ndarray, type_name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(w.shape[0], -1).copy())
 
 
-@pytest.mark.parametrize("type_name", list(KERNEL_TYPES))
+# gguf cannot quantize the K-quants: test_kquant.py checks them on random blocks.
+@pytest.mark.parametrize("type_name", [t for t in KERNEL_TYPES if not t.endswith("_K")])
 def test_kernels_match_gguf_dequantization(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
