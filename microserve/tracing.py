@@ -21,6 +21,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 TRACES_PATH = "/v1/traces"
+# FastAPI's own OpenTelemetry spans, metrics and logs, off: the spans of a request come from
+# here, and FastAPI's would be a second set per HTTP request, costing CPU on every one.
+FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 ATTR_PREFIX = "microserve."
 
 _tracer: trace.Tracer | None = None

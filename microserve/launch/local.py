@@ -19,6 +19,7 @@ import httpx
 
 from microserve import tracing
 from microserve.config import EngineConfig
+from microserve.launch.http import ROUTER_UVICORN
 from microserve.launch.spec import EngineSpec
 
 RESTART_WINDOW_S = 300
@@ -301,7 +302,7 @@ def serve_ray(args) -> int:
         app = build_router_app(router, load_tokenizer(args.model), name, cluster_token=token,
                                api_keys=keys.split(",") if keys else None)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                               access_log=False, timeout_graceful_shutdown=5, backlog=4096))
+                                               **ROUTER_UVICORN))
 
         async def main():
             task = asyncio.create_task(serve_quietly())

@@ -9,7 +9,7 @@ import uvicorn
 from microserve import tracing
 from microserve.api.security import is_loopback
 from microserve.errors import UserError
-from microserve.launch.http import raise_open_file_limit
+from microserve.launch.http import ROUTER_UVICORN, raise_open_file_limit
 from microserve.launch.spec import RouterSpec
 from microserve.router.app import build_router_app
 from microserve.router.cluster import Cluster
@@ -37,7 +37,6 @@ def run_router(spec: RouterSpec) -> None:
                            cluster_token=spec.cluster_token, api_keys=spec.api_keys,
                            max_body_bytes=spec.max_body_bytes)
     try:
-        uvicorn.run(app, host=spec.host, port=spec.port, log_level=spec.log_level, access_log=False,
-                    timeout_graceful_shutdown=5, backlog=4096)
+        uvicorn.run(app, host=spec.host, port=spec.port, log_level=spec.log_level, **ROUTER_UVICORN)
     finally:
         tracing.shutdown_tracing()  # what is still buffered goes out before the process ends

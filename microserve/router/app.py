@@ -13,12 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from microserve import tracing
 from microserve.api.errors import busy_response, error_body, install_error_handlers
-from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from microserve.api.responses import ResponsesRequest
 from microserve.api.security import DEFAULT_MAX_BODY_BYTES, install_security
 from microserve.router.cluster import EngineDown, EngineError
 from microserve.router.failover import Busy, Poisoned
 from microserve.router.fleet import FleetError
+from microserve.router.hot_routes import HotRoutes
 from microserve.router.openai_front import RouterFront
 from microserve.router.prometheus import prometheus_targets
 from microserve.router.router import Router
@@ -61,14 +60,17 @@ def build_router_app(router: Router, tokenizer, model_name: str, cluster_token: 
         await router.stop()
         tracing.flush()
 
-    app = FastAPI(title="microserve router", lifespan=lifespan)
+    app = FastAPI(title="microserve router", lifespan=lifespan, telemetry=tracing.FASTAPI_TELEMETRY)
     install_error_handlers(app)
     _install_router_errors(app, router)
+    front = RouterFront(router, tokenizer, model_name)
+    # POST /v1/completions, /v1/chat/completions and /v1/responses, inside the security layer
+    app.add_middleware(HotRoutes, front=front, handlers=app.exception_handlers)
     # Every /admin/ route is behind the cluster token.
     install_security(app, api_keys=api_keys, cluster_token=cluster_token, max_body_bytes=max_body_bytes,
                      cluster_paths=(), admin_paths=("/admin/",))
     tracing.install(app)  # a client's traceparent becomes the parent of its requests' spans
-    _add_openai_routes(app, router, RouterFront(router, tokenizer, model_name))
+    _add_openai_routes(app, router, front)
     _add_admin_routes(app, router)
     _add_dashboard_routes(app, router)
     return app
@@ -104,18 +106,6 @@ def _install_router_errors(app: FastAPI, router: Router) -> None:
 
 
 def _add_openai_routes(app: FastAPI, router: Router, front: RouterFront) -> None:
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await front.completions(req)
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
-        return await front.chat(req)
-
-    @app.post("/v1/responses")
-    async def responses(req: ResponsesRequest):
-        return await front.responses(req)
-
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": front.model_name, "object": "model", "created": 0,

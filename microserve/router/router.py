@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.api.ids import new_id
 from microserve.api.microserving import GenerateChunk
 from microserve.errors import Conflict, NotFound, UserError
 from microserve.router import strategies
@@ -115,7 +115,7 @@ class Router:
         before its first chunk are raised here (so they become HTTP errors)."""
         strategy = self.strategy
         self.metrics.requests.labels(strategy=strategy.name).inc()
-        req = strategies.RoutedRequest(f"r-{uuid.uuid4().hex}", prompt_ids, sampling)
+        req = strategies.RoutedRequest(new_id("r"), prompt_ids, sampling)
         start = time.monotonic()
         await self.admission.acquire()
         span = traces.begin(req.request_id, strategy.name, len(prompt_ids), start)
@@ -143,7 +143,7 @@ class Router:
         last: Exception | None = None
         for engine in sorted(self.cluster.healthy, key=lambda e: e.load):
             try:
-                async for chunk in engine.start_generate(f"score-{uuid.uuid4().hex}", prompt_ids, 0, sampling):
+                async for chunk in engine.start_generate(new_id("score"), prompt_ids, 0, sampling):
                     for choice in chunk.choices:
                         if choice.prompt_logprobs is not None:
                             return choice.prompt_logprobs

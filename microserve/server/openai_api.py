@@ -47,7 +47,7 @@ def build_app(engine: LLMEngine, model_name: str, max_waiting: int = 256, host: 
         engine.runner.kv.close()
         tracing.flush()
 
-    app = FastAPI(title="microserve", lifespan=lifespan)
+    app = FastAPI(title="microserve", lifespan=lifespan, telemetry=tracing.FASTAPI_TELEMETRY)
     app.state.engine = aengine
     app.state.metrics = metrics
     receiver = add_microserving_routes(app, engine, aengine, host, kv_transport, metrics)
