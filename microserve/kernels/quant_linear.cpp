@@ -345,6 +345,12 @@ constexpr int NV = QK / W;   // vectors per block of 32 weights
 constexpr int NR = 4;        // output rows per tile: each x load serves 4 rows, 4+ independent sums
 constexpr int CHUNK = 16;    // blocks whose scales are converted to float32 together
 constexpr int PREFETCH = 4;  // tiles ahead whose weights are fetched into the cache
+// Batches of more rows than this unpack a tile's weights once into a buffer for all their passes over x
+// (measured: at 8 rows, two passes, unpacking twice in registers is faster; from 12 the buffer is).
+constexpr int BUFFER_FROM = 2 * MT_MAX;
+// Formats whose unpacking costs more than a load: the 5-bit and K-quant ones (measured: Q4_1 and Q8_0
+// are as fast or faster unpacking in registers every pass).
+constexpr bool buffered(int64_t type) { return has_fifth_bit(type) || is_kquant(type); }
 
 constexpr bool scaled(int64_t type) { return is_block_type(type); }
 // 4- and 5-bit formats add a minimum m per block: Q4_1's and Q5_1's own, Q4_0's -8 d and Q5_0's -16 d
@@ -416,28 +422,35 @@ inline void kquant_weights(const uint8_t* blk, int g, vf table, const float* sc,
 // The K-quant version of `dot_tile`: per super-block the R rows' scales and mins are unpacked
 // once into float32, then each group of 16 weights is dequantized in registers once for all MT
 // rows of x. One vector accumulator per output, over the super-blocks in order (batch invariance).
-template <int64_t TYPE, int R, int MT>
+template <int64_t TYPE, int R, int MT, bool BUF>
 void dot_tile_k(const uint8_t* w, int64_t rb, const float* x, int64_t k, float* y, int64_t n_total, int64_t n,
-                int64_t m0) {
+                int64_t m0, const float* ub) {
   const vf table = nibble_table();
   const int64_t nsb = k / QKK, bb = superblock_bytes(TYPE);
   vf acc[R][MT];
   for (int r = 0; r < R; r++)
     for (int i = 0; i < MT; i++) acc[r][i] = vzero();
   for (int64_t sb = 0; sb < nsb; sb++) {
-    prefetch_ahead(w + n * rb, R * rb, sb, nsb);
     alignas(64) float sc[R][16], mn[R][16];
-    for (int r = 0; r < R; r++) kquant_scales<TYPE>(w + (n + r) * rb + sb * bb, sc[r], mn[r]);
+    if constexpr (!BUF) {
+      prefetch_ahead(w + n * rb, R * rb, sb, nsb);
+      for (int r = 0; r < R; r++) kquant_scales<TYPE>(w + (n + r) * rb + sb * bb, sc[r], mn[r]);
+    }
 #pragma GCC unroll 16
     for (int g = 0; g < 16; g++) {
+      vf wv[R][GV];  // all R rows' weights first, so that each x vector is loaded once for all of them
       for (int r = 0; r < R; r++) {
-        vf wv[GV];
-        kquant_weights<TYPE>(w + (n + r) * rb + sb * bb, g, table, sc[r], mn[r], wv);
-        for (int i = 0; i < MT; i++) {
-          const float* xg = x + (m0 + i) * k + sb * QKK + 16 * g;
-          for (int v = 0; v < GV; v++) acc[r][i] = vfmadd(wv[v], vload(xg + v * W), acc[r][i]);
+        if constexpr (BUF) {
+          for (int v = 0; v < GV; v++) wv[r][v] = vload(ub + r * k + sb * QKK + 16 * g + v * W);
+        } else {
+          kquant_weights<TYPE>(w + (n + r) * rb + sb * bb, g, table, sc[r], mn[r], wv[r]);
         }
       }
+      for (int i = 0; i < MT; i++)
+        for (int v = 0; v < GV; v++) {
+          const vf xv = vload(x + (m0 + i) * k + sb * QKK + 16 * g + v * W);
+          for (int r = 0; r < R; r++) acc[r][i] = vfmadd(wv[r][v], xv, acc[r][i]);
+        }
     }
   }
   for (int r = 0; r < R; r++)
@@ -448,11 +461,12 @@ void dot_tile_k(const uint8_t* w, int64_t rb, const float* x, int64_t k, float* 
 // multiplied with MT rows of x. A block format's block sums q.x are scaled by d once (and the
 // 4-bit formats add m * the block's sum of x). Each output is one vector accumulator, summed at the end, so its
 // value does not depend on R, MT or where a thread's range starts (batch invariance).
-template <int64_t TYPE, int R, int MT>
+// With BUF the unpacked quants come from `ub` (R rows of k floats, `unpack_rows`) instead.
+template <int64_t TYPE, int R, int MT, bool BUF>
 void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t k,
-              float* y, int64_t n_total, int64_t n, int64_t m0) {
+              float* y, int64_t n_total, int64_t n, int64_t m0, const float* ub) {
   if constexpr (is_kquant(TYPE)) {
-    dot_tile_k<TYPE, R, MT>(w, rb, x, k, y, n_total, n, m0);
+    dot_tile_k<TYPE, R, MT, BUF>(w, rb, x, k, y, n_total, n, m0, ub);
     return;
   }
   const vf table = nibble_table();
@@ -481,18 +495,26 @@ void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const fl
     }
     for (int j = 0; j < cnt; j++) {
       const int64_t b = b0 + j;
-      prefetch_ahead(w + n * rb, R * rb, b, nb);
+      if constexpr (!BUF) prefetch_ahead(w + n * rb, R * rb, b, nb);
+      vf wv[R][NV];  // all R rows' quants first, so that each x vector is loaded once for all of them
       for (int r = 0; r < R; r++) {
-        vf wv[NV];
-        quants<TYPE>(w + (n + r) * rb, b, nb, table, wv);
-        for (int i = 0; i < MT; i++) {
-          const float* xb = x + (m0 + i) * k + b * QK;
+        if constexpr (BUF) {
+          for (int v = 0; v < NV; v++) wv[r][v] = vload(ub + r * k + b * QK + v * W);
+        } else {
+          quants<TYPE>(w + (n + r) * rb, b, nb, table, wv[r]);
+        }
+      }
+      for (int i = 0; i < MT; i++) {
+        const float* xb = x + (m0 + i) * k + b * QK;
+        vf xv[NV];
+        for (int v = 0; v < NV; v++) xv[v] = vload(xb + v * W);
+        for (int r = 0; r < R; r++) {
           if constexpr (scaled(TYPE)) {
-            vf s = vmul(wv[0], vload(xb));
-            for (int v = 1; v < NV; v++) s = vfmadd(wv[v], vload(xb + v * W), s);
+            vf s = vmul(wv[r][0], xv[0]);
+            for (int v = 1; v < NV; v++) s = vfmadd(wv[r][v], xv[v], s);
             acc[r][i] = vfmadd(s, vset1(d[r][j]), acc[r][i]);
           } else {
-            for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[v], vload(xb + v * W), acc[r][i]);
+            for (int v = 0; v < NV; v++) acc[r][i] = vfmadd(wv[r][v], xv[v], acc[r][i]);
           }
         }
       }
@@ -503,16 +525,56 @@ void dot_tile(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const fl
       y[(m0 + i) * n_total + n + r] = hsum(acc[r][i]) + (has_min(TYPE) ? hsum(macc[r][i]) : 0.f);
 }
 
+// R rows' quants unpacked to float32 as `dot_tile` reads them (K-quants: dequantized), so that
+// the several passes over x of a larger batch unpack each weight once, not once per pass. The
+// values and the multiplications that follow are the same either way (batch invariance).
+template <int64_t TYPE, int R>
+void unpack_rows(const uint8_t* w, int64_t rb, int64_t nb, int64_t k, int64_t n, float* ub) {
+  const vf table = nibble_table();
+  for (int64_t b = 0; b < nb; b++) prefetch_ahead(w + n * rb, R * rb, b, nb);
+  for (int r = 0; r < R; r++) {
+    const uint8_t* row = w + (n + r) * rb;
+    if constexpr (is_kquant(TYPE)) {
+      for (int64_t sb = 0; sb < k / QKK; sb++) {
+        alignas(64) float sc[16], mn[16];
+        kquant_scales<TYPE>(row + sb * superblock_bytes(TYPE), sc, mn);
+        for (int g = 0; g < 16; g++) {
+          vf wv[GV];
+          kquant_weights<TYPE>(row + sb * superblock_bytes(TYPE), g, table, sc, mn, wv);
+          for (int v = 0; v < GV; v++) vstore(ub + r * k + sb * QKK + 16 * g + v * W, wv[v]);
+        }
+      }
+    } else {
+      for (int64_t b = 0; b < nb; b++) {
+        vf wv[NV];
+        quants<TYPE>(row, b, nb, table, wv);
+        for (int v = 0; v < NV; v++) vstore(ub + r * k + b * QK + v * W, wv[v]);
+      }
+    }
+  }
+}
+
+template <int64_t TYPE, int R, bool BUF>
+void tiles_over_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t m,
+                  int64_t k, float* y, int64_t n_total, int64_t n, const float* ub) {
+  int64_t m0 = 0;
+  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX, BUF>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0, ub);
+  switch (m - m0) {
+    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3, BUF>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0, ub); break;
+    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2, BUF>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0, ub); break;
+    case 1: dot_tile<TYPE, R, 1, BUF>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0, ub); break;
+  }
+}
+
+// One pass over x unpacks in registers; more passes first unpack the R rows into a buffer.
 template <int64_t TYPE, int R>
 void rows_times_x(const uint8_t* w, int64_t rb, int64_t nb, const float* x, const float* xsum, int64_t nbp, int64_t m,
                   int64_t k, float* y, int64_t n_total, int64_t n) {
-  int64_t m0 = 0;
-  for (; m0 + MT_MAX <= m; m0 += MT_MAX) dot_tile<TYPE, R, MT_MAX>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0);
-  switch (m - m0) {
-    case 3: if constexpr (MT_MAX > 3) dot_tile<TYPE, R, 3>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
-    case 2: if constexpr (MT_MAX > 2) dot_tile<TYPE, R, 2>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
-    case 1: dot_tile<TYPE, R, 1>(w, rb, nb, x, xsum, nbp, k, y, n_total, n, m0); break;
-  }
+  if (!buffered(TYPE) || m <= BUFFER_FROM) return tiles_over_x<TYPE, R, false>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n, nullptr);
+  thread_local std::vector<float> buffer;
+  buffer.resize(R * k);
+  unpack_rows<TYPE, R>(w, rb, nb, k, n, buffer.data());
+  tiles_over_x<TYPE, R, true>(w, rb, nb, x, xsum, nbp, m, k, y, n_total, n, buffer.data());
 }
 
 // Rows [n0, n1) of y = x W^T for all m rows of x (x reordered for BF16, xsum for 4-bit formats).
