@@ -173,7 +173,7 @@ def _add_engine(sub) -> None:
     e.add_argument("--port", type=int, default=8000, help="the HTTP port")
     e.add_argument("--served-model-name", default=None, help="the model id clients send (default: from the path)")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
-    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
+    e.add_argument("--max-num-batched-tokens", type=int, default=1024, help="per-step token budget")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens of prompt and output together (default: the model's context window)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
@@ -237,7 +237,7 @@ def _add_serve(sub) -> None:
                                                                  "before serve gives up")
     s.add_argument("--max-num-seqs", type=int, default=None, help="engines: most sequences in one batch (default 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="engines: per-step token budget (default 512)")
+                   help="engines: per-step token budget (default 1024)")
     s.add_argument("--kv-cache-memory", default=None, help="engines: memory for each one's KV cache, e.g. 512MiB "
                                                             "(default 1GiB; simulated: the profile's free memory)")
     s.add_argument("--deterministic", action="store_true", help="engines: " + DETERMINISTIC_HELP)

@@ -137,7 +137,9 @@ class EngineConfig:
     # its hardware profile leaves free after the weights.
     kv_cache_memory: int | str | None = None
     max_num_seqs: int = 64  # most sequences in one step's batch
-    max_num_batched_tokens: int = 512  # per-step token budget for chunked prefill
+    # Per-step token budget for chunked prefill: a prompt up to 1024 tokens is one step (one pass over
+    # the weights), while a longer one still leaves room for the running decodes every step.
+    max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # defaults to the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU threads for torch; None = torch's default

@@ -716,6 +716,26 @@ torch::Tensor repack(const torch::Tensor& raw, int64_t type, int64_t k) {
   return out;
 }
 
+// One repacked row of W to float32.
+inline void dequantize_one_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
+#ifdef MS_SIMD
+  switch (type) {
+    case T_Q8_0: dequantize_row_simd<T_Q8_0>(row, k, out); break;
+    case T_Q4_0: dequantize_row_simd<T_Q4_0>(row, k, out); break;
+    case T_Q4_1: dequantize_row_simd<T_Q4_1>(row, k, out); break;
+    case T_Q5_0: dequantize_row_simd<T_Q5_0>(row, k, out); break;
+    case T_Q5_1: dequantize_row_simd<T_Q5_1>(row, k, out); break;
+    case T_Q4_K: dequantize_row_simd<T_Q4_K>(row, k, out); break;
+    case T_Q5_K: dequantize_row_simd<T_Q5_K>(row, k, out); break;
+    case T_Q6_K: dequantize_row_simd<T_Q6_K>(row, k, out); break;
+    case T_BF16: dequantize_row_simd<T_BF16>(row, k, out); break;
+    case T_F16: dequantize_row_simd<T_F16>(row, k, out); break;
+  }
+#else
+  dequantize_row(type, row, k, out);
+#endif
+}
+
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows) {
   if (type == T_STACKED) {
     TORCH_CHECK(!rows.has_value(), "row lookups need a weight in one format");
@@ -737,22 +757,42 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const 
     for (int64_t i = a; i < b; i++) {
       int64_t r = ip ? ip[i] : i;
       TORCH_CHECK(r >= 0 && r < total, "row ", r, " out of range");
-#ifdef MS_SIMD
-      switch (type) {
-        case T_Q8_0: dequantize_row_simd<T_Q8_0>(wp + r * rb, k, op + i * k); break;
-        case T_Q4_0: dequantize_row_simd<T_Q4_0>(wp + r * rb, k, op + i * k); break;
-        case T_Q4_1: dequantize_row_simd<T_Q4_1>(wp + r * rb, k, op + i * k); break;
-        case T_Q5_0: dequantize_row_simd<T_Q5_0>(wp + r * rb, k, op + i * k); break;
-        case T_Q5_1: dequantize_row_simd<T_Q5_1>(wp + r * rb, k, op + i * k); break;
-        case T_Q4_K: dequantize_row_simd<T_Q4_K>(wp + r * rb, k, op + i * k); break;
-        case T_Q5_K: dequantize_row_simd<T_Q5_K>(wp + r * rb, k, op + i * k); break;
-        case T_Q6_K: dequantize_row_simd<T_Q6_K>(wp + r * rb, k, op + i * k); break;
-        case T_BF16: dequantize_row_simd<T_BF16>(wp + r * rb, k, op + i * k); break;
-        case T_F16: dequantize_row_simd<T_F16>(wp + r * rb, k, op + i * k); break;
-      }
-#else
-      dequantize_row(type, wp + r * rb, k, op + i * k);
-#endif
+      dequantize_one_row(type, wp + r * rb, k, op + i * k);
+    }
+  });
+  return out;
+}
+
+// float32 to bfloat16, rounded to nearest even with NaN kept quiet: the same bits as torch's cast.
+// Plain integer arithmetic, so the compiler vectorizes it.
+inline void floats_to_bf16(const float* x, int64_t k, uint16_t* out) {
+  for (int64_t j = 0; j < k; j++) {
+    uint32_t u;
+    std::memcpy(&u, x + j, 4);
+    bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    out[j] = nan ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// W as a bfloat16 matrix for the bfloat16 GEMM, each row dequantized into a float32 buffer and
+// rounded there: no float32 copy of the whole weight is written and read back (the same values as
+// dequantize(...).to(bfloat16)).
+torch::Tensor dequantize_bf16(const torch::Tensor& w, int64_t type, int64_t k) {
+  if (type == T_STACKED) {
+    std::vector<torch::Tensor> dense;
+    for (const auto& p : stacked_parts(w, k)) dense.push_back(dequantize_bf16(p.data, p.type, k));
+    return torch::cat(dense);
+  }
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, bytes]");
+  int64_t n = w.size(0), rb = w.size(1);
+  auto out = torch::empty({n, k}, torch::kBFloat16);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+    std::vector<float> row(k);
+    for (int64_t i = a; i < b; i++) {
+      dequantize_one_row(type, wp + i * rb, k, row.data());
+      floats_to_bf16(row.data(), k, op + i * k);
     }
   });
   return out;
@@ -776,7 +816,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t 
   auto with_bias = [&](torch::Tensor y) { return bias.has_value() ? y.add_(*bias) : y; };
   if (gemm_from > 0 && m > gemm_from) {
     if (bf16) {  // bfloat16 GEMM (oneDNN): BF16 weights as they are, others dequantized to bfloat16
-      auto dense = type == T_BF16 ? w.view(torch::kBFloat16) : dequantize(w, type, k, c10::nullopt).to(torch::kBFloat16);
+      auto dense = type == T_BF16 ? w.view(torch::kBFloat16) : dequantize_bf16(w, type, k);
       return with_bias(at::linear(x_in, dense).to(torch::kFloat32));
     }
     auto dense = dequantize(w, type, k, c10::nullopt);

@@ -11,6 +11,8 @@ torch::Tensor stack(const std::vector<torch::Tensor>& parts, const std::vector<i
 
 // Rows of a repacked weight (all of them when `rows` is empty) as float32 [rows, k].
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, int64_t k, const c10::optional<torch::Tensor>& rows);
+// The whole weight as bfloat16, rounded as torch's cast rounds (what the bfloat16 GEMM reads)
+torch::Tensor dequantize_bf16(const torch::Tensor& w, int64_t type, int64_t k);
 
 // y = x W^T (+ bias) as float32, x float32 or bfloat16 [M, K], W repacked. Batches of more than
 // `gemm_from` rows dequantize W and use the BLAS GEMM (bfloat16's for bfloat16 x); 0 never does

@@ -54,6 +54,7 @@ def test_kernels_match_gguf_dequantization(type_name, shape):
     assert torch.equal(k.dequantize(packed, tid, shape[1], None), ref)  # every product is exact in float32
     rows = torch.tensor([3, 0, shape[0] - 1, 3])
     assert torch.equal(k.dequantize(packed, tid, shape[1], rows), ref[rows])
+    assert torch.equal(k.dequantize_bf16(packed, tid, shape[1]), ref.bfloat16())  # rounded as torch rounds
 
     x = torch.randn(32, shape[1])
     want = x @ ref.T

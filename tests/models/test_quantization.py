@@ -57,6 +57,7 @@ def test_kernels_match_gguf_dequantization(type_name):
     assert torch.equal(k.dequantize(packed, KERNEL_TYPES[type_name], 256, None), ref)
     rows = torch.tensor([5, 0, 95, 5])
     assert torch.equal(k.dequantize(packed, KERNEL_TYPES[type_name], 256, rows), ref[rows])
+    assert torch.equal(k.dequantize_bf16(packed, KERNEL_TYPES[type_name], 256), ref.bfloat16())  # as torch rounds
 
     x = torch.randn(40, 256)
     want = x @ ref.T
