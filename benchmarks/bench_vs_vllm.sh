@@ -87,9 +87,9 @@ if [[ " $PARTS " == *" offline "* ]]; then  # in-process APIs, each in its own p
     case $sys in
       vllm) env VLLM_CPU_KVCACHE_SPACE=2 "LD_PRELOAD=$( [ -f $TCMALLOC ] && echo $TCMALLOC):$IOMP" \
               "$VENV/bin/python" benchmarks/offline_throughput.py --system vllm --model "$HF" 2>"$OUT/offline-vllm.log" \
-              | tail -1 > "$OUT/offline-vllm.json" ;;
+              | grep "^{" | tail -1 > "$OUT/offline-vllm.json" ;;
       engine) $PY benchmarks/offline_throughput.py --system microserve --threads 2 2>"$OUT/offline-engine.log" \
-              | tail -1 > "$OUT/offline-engine.json" ;;
+              | grep "^{" | tail -1 > "$OUT/offline-engine.json" ;;
     esac
   done
 fi
