@@ -45,6 +45,8 @@ class ModelRunner:
         self.deterministic = cfg.deterministic
         if cfg.deterministic:
             make_batch_invariant(self.model)
+        else:
+            self.model.choose_gemm_rows()
         # Decode-only steps in one C++ call (models/llama.py decode_step), unless a mode needs the Python path.
         self.fuse_decode = self.model.can_fuse_decode() and not cfg.deterministic
         self.fuse_max_batch = self.model.fused_decode_max_batch()

@@ -385,6 +385,18 @@ class LlamaForCausalLM(nn.Module):
 
         return kernels.load() is not None
 
+    def choose_gemm_rows(self) -> None:
+        """In a bfloat16 model on CPU: time where each GGUF-format layer linear's bfloat16 GEMM
+        overtakes the kernels' loop (models/gemm_choice.py). The lm_head keeps its rows: its
+        logits stay float32, which the bfloat16 GEMM would round."""
+        if self.dtype != torch.bfloat16 or self.norm.device.type != "cpu":
+            return
+        from microserve.models.gemm_choice import choose_gemm_from
+
+        choose_gemm_from([lin for layer in self.layers for lin in
+                          (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+                          if isinstance(lin, QuantLinear)])
+
     def fused_decode_max_batch(self) -> int | None:
         """The largest decode batch `decode_step` should take (None: any). In float32 it always
         wins; in bfloat16, batches past the kernels' own loop are faster on the Python path,
@@ -478,6 +490,9 @@ class LlamaForCausalLM(nn.Module):
             x = torch.zeros(padded_rows(limit), lin.in_features, dtype=torch.bfloat16)
             for rows in sorted({padded_rows(n) for n in range(first, limit + 1)}):
                 lin(x[:rows])
+            if isinstance(lin, QuantLinear) and lin is not head:  # decode_step's batches, not padded
+                for rows in range(first, min(limit, GEMM_FROM_ROWS) + 1):
+                    lin.kernels.linear(x[:rows], lin.weight.data, lin.weight.type_id, None, lin.gemm_from)
 
     def load_hf_weights(self, weights):
         """Take (name, tensor) pairs named as in HF checkpoints; fuse q/k/v and gate/up on the way."""
