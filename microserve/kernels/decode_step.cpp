@@ -182,6 +182,131 @@ void weighted_sum(const float* p, const int64_t* rows, int64_t len, const KV* v,
   }
 }
 
+#ifdef MS_VEC
+// The sum of each of VW vectors' lanes, as one vector (lane j: the sum of v[j]): pairs are
+// interleaved and added, then 64-bit halves, then 128-bit lanes, so VW sums cost about 3 VW
+// instructions instead of VW horizontal reductions.
+inline vec sum_each(const vec* v) {
+#if defined(__AVX512F__)
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane: that lane's partial sums of v[4i .. 4i+3]
+    __m512d p = _mm512_castps_pd(a[2 * i]), r = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, r)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, r)));
+  }
+  for (int i = 0; i < 2; i++)  // lanes 0+1 and 2+3 of b[2i], then of b[2i+1]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#else
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; i++)
+    a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; i++) {
+    __m256d p = _mm256_castps_pd(a[2 * i]), r = _mm256_castps_pd(a[2 * i + 1]);
+    b[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(p, r)), _mm256_castpd_ps(_mm256_unpackhi_pd(p, r)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+#endif
+}
+#endif
+
+// Query heads that share a kv head, attended together so each cached key and value is loaded
+// once for all of them (grouped-query attention: 3 query heads per kv head in SmolLM2).
+constexpr int MAX_GROUP = 8;
+
+#ifdef MS_VEC
+// scores[h * len + t] = q_h . k_t * scale for NH heads, keys VW at a time: each key is loaded once
+// for all heads (products accumulated in registers), then VW keys' sums are formed at once.
+template <int NH, typename KV>
+void group_scores_vec(const float* const* q, const int64_t* rows, int64_t len, const KV* k, int64_t d, float scale,
+                      float* scores) {
+  vec acc[NH][VW];
+  for (int64_t t = 0; t + VW <= len; t += VW) {
+    for (int j = 0; j < VW; j++) {
+      const KV* kt = k + rows[t + j] * d;
+      vec a[NH];
+      for (int h = 0; h < NH; h++) a[h] = vzero();
+      for (int64_t c = 0; c < d; c += VW) {
+        vec kv = vload(kt + c);
+        for (int h = 0; h < NH; h++) a[h] = vfmadd(vload(q[h] + c), kv, a[h]);
+      }
+      for (int h = 0; h < NH; h++) acc[h][j] = a[h];
+    }
+    for (int h = 0; h < NH; h++) vstore(scores + h * len + t, sum_each(acc[h]) * vset1(scale));
+  }
+}
+
+// o_h = sum over tokens of p_h[t] * v_t for NH <= 4 heads (p_h = p + h * len), 64 values at a
+// time: each value row is loaded once for all heads, whose outputs stay in registers.
+template <int NH, typename KV>
+void group_weighted_sum_vec(const float* p, const int64_t* rows, int64_t len, const KV* v, int64_t d,
+                            float* const* o) {
+  constexpr int NA = 64 / VW;
+  for (int64_t c = 0; c < d; c += 64) {
+    vec acc[NH][NA];
+    for (int h = 0; h < NH; h++)
+      for (int j = 0; j < NA; j++) acc[h][j] = vzero();
+    for (int64_t t = 0; t < len; t++) {
+      const KV* vt = v + rows[t] * d + c;
+      vec vv[NA];
+      for (int j = 0; j < NA; j++) vv[j] = vload(vt + VW * j);
+      for (int h = 0; h < NH; h++) {
+        vec pt = vset1(p[h * len + t]);
+        for (int j = 0; j < NA; j++) acc[h][j] = vfmadd(pt, vv[j], acc[h][j]);
+      }
+    }
+    for (int h = 0; h < NH; h++)
+      for (int j = 0; j < NA; j++) vstore(o[h] + c + VW * j, acc[h][j]);
+  }
+}
+#endif
+
+template <typename KV>
+void group_scores(const float* const* q, int nh, const int64_t* rows, int64_t len, const KV* k, int64_t d,
+                  float scale, float* scores) {
+  int64_t t = 0;
+#ifdef MS_VEC
+  if (d % VW == 0) {
+    switch (nh) {
+      case 1: group_scores_vec<1>(q, rows, len, k, d, scale, scores); break;
+      case 2: group_scores_vec<2>(q, rows, len, k, d, scale, scores); break;
+      case 3: group_scores_vec<3>(q, rows, len, k, d, scale, scores); break;
+      case 4: group_scores_vec<4>(q, rows, len, k, d, scale, scores); break;
+      case 5: group_scores_vec<5>(q, rows, len, k, d, scale, scores); break;
+      case 6: group_scores_vec<6>(q, rows, len, k, d, scale, scores); break;
+      case 7: group_scores_vec<7>(q, rows, len, k, d, scale, scores); break;
+      default: group_scores_vec<8>(q, rows, len, k, d, scale, scores); break;
+    }
+    t = len / VW * VW;
+  }
+#endif
+  for (; t < len; t++)
+    for (int h = 0; h < nh; h++) scores[h * len + t] = dot(q[h], k + rows[t] * d, d) * scale;
+}
+
+template <typename KV>
+void group_weighted_sum(const float* p, int nh, const int64_t* rows, int64_t len, const KV* v, int64_t d,
+                        float* const* o) {
+#ifdef MS_VEC
+  if (d % 64 == 0) {
+    for (int h0 = 0; h0 < nh; h0 += 4) {
+      const float* ph = p + h0 * len;
+      switch (std::min(4, nh - h0)) {
+        case 1: group_weighted_sum_vec<1>(ph, rows, len, v, d, o + h0); break;
+        case 2: group_weighted_sum_vec<2>(ph, rows, len, v, d, o + h0); break;
+        case 3: group_weighted_sum_vec<3>(ph, rows, len, v, d, o + h0); break;
+        default: group_weighted_sum_vec<4>(ph, rows, len, v, d, o + h0); break;
+      }
+    }
+    return;
+  }
+#endif
+  for (int h = 0; h < nh; h++) weighted_sum(p + h * len, rows, len, v, d, o[h]);
+}
+
 inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void store(const float* src, c10::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; i++) dst[i] = c10::BFloat16(src[i]);  // round to nearest even, as .to(bfloat16)
@@ -301,8 +426,9 @@ class DecodeStep {
     return x;
   }
 
-  // Each query head over its sequence's cached keys, read through the block table. One task per
-  // (sequence, query head): at batch 1 that is enough tasks to keep both threads busy.
+  // Each sequence's query heads over its cached keys, read through the block table. A task is a
+  // (sequence, kv head) with the query heads that share it (at most MAX_GROUP of them); where that
+  // gives fewer tasks than two per thread (batch 1 of a model with few kv heads), one query head each.
   template <typename KV>
   void attention(const float* qkv, const KV* kc, const KV* vc, const int64_t* blocks, const int64_t* lengths,
                  int64_t batch, int64_t max_blocks, int64_t block_size, int64_t num_slots, float* out) const {
@@ -314,29 +440,37 @@ class DecodeStep {
         TORCH_CHECK(blocks[b * max_blocks + i] >= 0 && (blocks[b * max_blocks + i] + 1) * block_size <= num_slots,
                     "block table points outside the KV cache");
     }
-    at::parallel_for(0, batch * hq_, 1, [&](int64_t begin, int64_t end) {
+    int64_t per_task = std::min<int64_t>(group, MAX_GROUP);
+    if (batch * hq_ / per_task < 2 * at::get_num_threads()) per_task = 1;
+    const int64_t chunks = (group + per_task - 1) / per_task;  // tasks per kv head
+    at::parallel_for(0, batch * hkv_ * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       std::vector<int64_t> rows;
       for (int64_t task = begin; task < end; task++) {
-        const int64_t b = task / hq_, h = task % hq_, kvh = h / group, len = lengths[b];
+        const int64_t b = task / (hkv_ * chunks), kvh = task / chunks % hkv_, h0 = kvh * group + task % chunks * per_task;
+        const int nh = int(std::min(per_task, (kvh + 1) * group - h0)), len = int(lengths[b]);
         const int64_t* table = blocks + b * max_blocks;
-        const float* q = qkv + b * width + h * d_;
+        const float* q[MAX_GROUP];
+        float* o[MAX_GROUP];
+        for (int h = 0; h < nh; h++) {
+          q[h] = qkv + b * width + (h0 + h) * d_;
+          o[h] = out + b * hq_ * d_ + (h0 + h) * d_;
+        }
         // Token t's KV row: slot table[t / block_size] * block_size + t % block_size, for this kv head.
         rows.resize(len);
         for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-          int64_t slot = table[t0 / block_size] * block_size, n = std::min(block_size, len - t0);
+          int64_t slot = table[t0 / block_size] * block_size, n = std::min<int64_t>(block_size, len - t0);
           for (int64_t j = 0; j < n; j++) rows[t0 + j] = (slot + j) * hkv_ + kvh;
         }
-        scores.resize(len);
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {
-          scores[t] = dot(q, kc + rows[t] * d_, d_) * scale;
-          mx = std::max(mx, scores[t]);
+        scores.resize(size_t(nh) * len);
+        group_scores(q, nh, rows.data(), len, kc, d_, scale, scores.data());
+        for (int h = 0; h < nh; h++) {
+          float* sh = scores.data() + h * len;
+          const float mx = *std::max_element(sh, sh + len);
+          const float inv = 1.f / exp_shifted(sh, len, mx);
+          for (int64_t t = 0; t < len; t++) sh[t] *= inv;
         }
-        const float sum = exp_shifted(scores.data(), len, mx);
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; t++) scores[t] *= inv;
-        weighted_sum(scores.data(), rows.data(), len, vc, d_, out + b * hq_ * d_ + h * d_);
+        group_weighted_sum(scores.data(), nh, rows.data(), len, vc, d_, o);
       }
     });
   }

@@ -167,6 +167,23 @@ def test_fused_decode_step_on_float32_checkpoints(tmp_path, arch):
             assert abs(flp[0] - plp[0]) < 1e-4
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (10, 2), (16, 1)])
+def test_fused_decode_step_grouped_query_heads(tmp_path, heads, kv_heads):
+    """64-wide heads, groups of 4, 5 and 16 query heads per kv head (the last split in two tasks), and
+    few enough tasks at (4, 1) that each query head runs alone: against the Python path."""
+    from conftest import make_tiny_checkpoint
+
+    path, _ = make_tiny_checkpoint(tmp_path, "llama", hidden_size=64 * heads, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, initializer_range=0.05)
+    loaded = load_model(path, dtype="float32", device="cpu", progress=False)
+    prompts = [[1, 5, 9, 200, 17], [3] * 40, list(range(30, 70))]
+    fused, plain = _greedy(loaded, prompts, 24, fused=True), _greedy(loaded, prompts, 24, fused=False)
+    for f, p in zip(fused, plain):
+        assert f.token_ids == p.token_ids
+        for flp, plp in zip(f.logprobs, p.logprobs):
+            assert abs(flp[0] - plp[0]) < 1e-4
+
+
 @pytest.mark.slow
 def test_fused_decode_step_in_bfloat16(builtin_gguf, builtin_pair):
     """A bfloat16 model (the CPU default where bf16 GEMMs are fast): prefill GEMMs in bfloat16, the
