@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microserve.config import QUANTIZATION_CHOICES  # noqa: F401  (re-exported for the loader)
@@ -104,6 +105,7 @@ class QuantLinear(nn.Module):
         self.weight = weight.repacked()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.bias_bf16 = None if bias is None else self.bias.to(torch.bfloat16)
         self.gemm_from = GEMM_FROM_ROWS
 
     def use_bf16_gemm(self) -> None:
@@ -121,11 +123,19 @@ class QuantLinear(nn.Module):
         # so that oneDNN keeps a bounded number of kernels. Smaller batches run the kernels'
         # float32 loop.
         n = x.shape[0]
-        if x.dtype == torch.bfloat16 and x.dim() == 2 and 0 < self.gemm_from < n and padded_rows(n) != n:
-            return self(torch.cat([x, x.new_zeros(padded_rows(n) - n, x.shape[1])]))[:n]
+        if x.dtype == torch.bfloat16 and x.dim() == 2 and 0 < self.gemm_from < n:
+            if padded_rows(n) != n:
+                return self(torch.cat([x, x.new_zeros(padded_rows(n) - n, x.shape[1])]))[:n]
+            return F.linear(x, self.dense_bf16(), self.bias_bf16)  # bfloat16 out: no float32 round trip
         y = self.kernels.linear(x if x.dtype == torch.bfloat16 else x.float(), self.weight.data,
                                 self.weight.type_id, self.bias, self.gemm_from)
         return y.to(x.dtype)
+
+    def dense_bf16(self) -> torch.Tensor:
+        """W as bfloat16 [out, in]: a BF16 file's bytes as they are, other formats dequantized."""
+        if self.weight.type_name == "BF16":
+            return self.weight.data.view(torch.bfloat16)
+        return self.kernels.dequantize_bf16(self.weight.data, self.weight.type_id, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.weight.type_name}"
