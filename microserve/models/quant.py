@@ -42,7 +42,7 @@ def padded_rows(n: int) -> int:
 
     oneDNN builds and caches a kernel for every distinct shape it sees (up to 1024 of
     them), so a token count that varies step by step would grow the engine's memory by
-    hundreds of MB over a long run. Rounding keeps it to ~88 shapes per weight up to 4096
+    hundreds of MB over a long run. Rounding keeps it to ~100 shapes per weight up to 4096
     tokens. Steps of 16 up to 1024 (the default token budget): a 530-token prompt, a
     512-token one with its chat template, ran as 640 rows with steps of 128 past 512 and
     took 186 ms against 140 for 512 tokens.

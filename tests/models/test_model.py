@@ -100,7 +100,7 @@ def test_packed_linear_pads_rows_to_few_shapes():
 
     assert [padded_rows(n) for n in (1, 7, 16, 17, 32, 33, 500, 512, 513, 700, 1024, 1025)] == [
         1, 7, 16, 32, 32, 48, 512, 512, 528, 704, 1024, 1152]
-    assert len({padded_rows(n) for n in range(1, 4097)}) < 90
+    assert len({padded_rows(n) for n in range(1, 4097)}) < 110
     torch.manual_seed(0)
     w = torch.randn(96, 64).to(torch.bfloat16)
     b = torch.randn(96).to(torch.bfloat16)
