@@ -4,7 +4,7 @@ The loop multiplies in float32 straight from the file's blocks; its time grows w
 activations. The GEMM first dequantizes the weight to bfloat16 (a fixed cost per call) and then
 runs oneDNN, which on CPUs with AMX or AVX512-BF16 is many times faster per row. Which one wins
 at a decode batch of 8, 16 or 32 depends on the CPU (on a 2-core AMX Xeon the GEMM wins from
-about 12 rows; on AVX2-only CPUs the loop holds to 32), so the engine times both at start-up on
+16 rows; on AVX2-only CPUs the loop holds to 32), so the engine times both at start-up on
 the weights it serves, once per distinct (format, shape), and keeps the fewest rows from which
 the GEMM is faster for that batch and every larger one it tried.
 """
